@@ -1,0 +1,1 @@
+"""One module per API surface; each exposes `routes` (an aiohttp RouteTableDef)."""

@@ -1,0 +1,69 @@
+"""`tpserve`: serve every model directory of a model store, or the directories given with -m.
+
+    tpserve --model-store model_store
+    tpserve -m /opt/ml/model                 # one directory; the model is named after the folder
+    tpserve -m deepspeed=/opt/ml/model       # ...or explicitly
+"""
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from serving.app import make_app
+from serving.config import PROPERTIES_FILE, ConfigError, ModelConfig, load_model_config
+
+log = logging.getLogger("tpserve")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        configs = collect_models(args.model_store, args.model)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        raise SystemExit(2) from None
+    for config in configs:
+        log.info("model %s: engine=%s tensor_parallel_degree=%s model_id=%s entryPoint=%s", config.name,
+                 config.engine, config.world_size, config.model_id or config.model_dir, config.entry_point_module())
+    # access_log=None: one log line per request is a cost on the hot path; metrics cover traffic.
+    web.run_app(make_app(configs), host=args.host, port=args.port, access_log=None, handler_cancellation=True,
+                print=lambda message: log.info("%s", message.strip()))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tpserve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-store", type=Path, help="serve every model directory in this folder")
+    parser.add_argument("-m", "--model", action="append", default=[], metavar="[NAME=]PATH",
+                        help="serve this model directory (repeatable)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
+    parser.add_argument("--port", type=int, default=8080)
+    args = parser.parse_args(argv)
+    if not args.model_store and not args.model:
+        parser.error("nothing to serve: give --model-store DIR or -m PATH")
+    return args
+
+
+def collect_models(model_store: Path | None, models: list[str]) -> list[ModelConfig]:
+    configs = []
+    if model_store is not None:
+        if not model_store.is_dir():
+            raise ConfigError(f"--model-store {model_store}: no such folder")
+        dirs = sorted(d for d in model_store.iterdir() if (d / PROPERTIES_FILE).exists() or (d / "model.py").exists())
+        if not dirs:
+            raise ConfigError(f"--model-store {model_store}: no folder in it has a {PROPERTIES_FILE} or model.py")
+        configs += [load_model_config(d) for d in dirs]
+    for spec in models:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = None, spec
+        configs.append(load_model_config(Path(path), name=name))
+    return configs
+
+
+if __name__ == "__main__":
+    main()

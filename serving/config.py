@@ -1,0 +1,229 @@
+"""serving.properties -> one validated ModelConfig per model directory.
+
+Keys follow DJL Serving's names (engine, option.model_id, option.tensor_parallel_degree, batch_size, ...).
+Every `option.*` key, known or not, also reaches the handler's `get_model(properties)` with the `option.`
+prefix removed, as DJL does. Environment variables override the file: `OPTION_<KEY>` for option keys
+(`OPTION_TENSOR_PARALLEL_DEGREE=1`), `SERVING_<KEY>` for the others (`SERVING_BATCH_SIZE=4`).
+A wrong key or value stops startup with an error naming the file, the key and the value.
+"""
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+log = logging.getLogger("tpserve.config")
+
+PROPERTIES_FILE = "serving.properties"
+BUILTIN_HANDLER = "handlers.text_generation"
+# DJL's own handler module names, which users' serving.properties may name as entryPoint.
+DJL_BUILTIN_ENTRY_POINTS = {"djl_python.deepspeed", "djl_python.huggingface", "djl_python.transformers_neuronx"}
+# DJL keys that tpserve accepts so existing files load, but does not act on (one worker group per model).
+IGNORED_DJL_KEYS = {
+    "minWorkers", "maxWorkers", "gpu.minWorkers", "gpu.maxWorkers", "cpu.minWorkers", "cpu.maxWorkers",
+    "load_on_devices", "required_memory_mb", "reserved_memory_mb", "log_model_metric", "metrics_aggregation",
+}
+
+
+class ConfigError(Exception):
+    """A serving.properties file (or an override) that cannot be served; the message names file, key, value."""
+
+
+def _lower_engine(value: Any) -> Any:
+    names = {"python": "Python", "deepspeed": "DeepSpeed", "mpi": "MPI"}
+    return names.get(value.lower(), value) if isinstance(value, str) else value
+
+
+def _strict_bool(value: Any) -> Any:
+    # Java properties spell booleans as text; anything but true/false is a typo worth stopping for.
+    if isinstance(value, str):
+        if value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise ValueError("expected true or false")
+    return value
+
+
+class ModelConfig(BaseModel):
+    """One model directory's serving.properties, validated. Field aliases are the keys as written in the file."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
+
+    name: str
+    model_dir: Path
+    engine: Annotated[Literal["Python", "DeepSpeed", "MPI"], BeforeValidator(_lower_engine)] = "DeepSpeed"
+    """Python: one plain process. DeepSpeed / MPI: `mpirun -np tensor_parallel_degree` ranks."""
+    model_id: str | None = Field(None, alias="option.model_id")
+    """A local Hugging Face folder, a `.gguf` file, or a hub id passed to transformers as is. Default: model_dir."""
+    tensor_parallel_degree: int | Literal["max"] = Field(1, alias="option.tensor_parallel_degree")
+    """Ranks the model is split over; `max` takes every visible GPU (every CPU core on a machine without GPUs)."""
+    entry_point: str | None = Field(None, alias="option.entryPoint")
+    """A handler file (relative to model_dir) or module; default: model.py in model_dir, else the built-in one."""
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", alias="option.dtype")
+    """Weights' dtype; auto: fp16 on a GPU, fp32 on a CPU."""
+    task: str = Field("text-generation", alias="option.task")
+    trust_remote_code: Annotated[bool, BeforeValidator(_strict_bool)] = Field(False, alias="option.trust_remote_code")
+    model_loading_timeout: int = Field(240, gt=0, alias="option.model_loading_timeout")
+    """Seconds from launching the ranks to the model being ready on all of them."""
+    predict_timeout: int = Field(120, gt=0, alias="option.predict_timeout")
+    """Seconds one request may take; a group busy far longer than this is treated as hung and restarted."""
+    batch_size: int = Field(1, ge=1)
+    """Most requests rank 0 hands to the handler at once (DJL dynamic batching: Input.get_batches())."""
+    max_batch_delay: int = Field(100, ge=0)
+    """Milliseconds rank 0 waits to fill a batch once the first request of it has arrived."""
+    job_queue_size: int = Field(1000, ge=1)
+    """Requests waiting for this model beyond which new ones are refused with 503."""
+    options: dict[str, str] = {}
+    """Every option.* key without its prefix, as the handler's properties receive them."""
+
+    @field_validator("tensor_parallel_degree", mode="before")
+    @classmethod
+    def _tp_degree(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "max":
+            return "max"
+        return value
+
+    @field_validator("tensor_parallel_degree")
+    @classmethod
+    def _tp_positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @property
+    def world_size(self) -> int:
+        if self.tensor_parallel_degree == "max":
+            return visible_accelerators() or os.cpu_count() or 1
+        return self.tensor_parallel_degree
+
+    @property
+    def uses_mpi(self) -> bool:
+        return self.engine in ("DeepSpeed", "MPI")
+
+    def handler_properties(self) -> dict[str, str]:
+        """What the handler's get_model(properties) receives: DJL's names, values as strings."""
+        props = dict(self.options)
+        props.update(
+            model_dir=str(self.model_dir),
+            model_id=self.model_id or str(self.model_dir),
+            tensor_parallel_degree=str(self.world_size),
+            engine=self.engine,
+            dtype=self.dtype,
+            task=self.task,
+            trust_remote_code=str(self.trust_remote_code).lower(),
+            batch_size=str(self.batch_size),
+            max_batch_delay=str(self.max_batch_delay),
+            model_name=self.name,
+        )
+        return props
+
+    def entry_point_module(self) -> str:
+        """A module name or a file path for the rank to import; DJL's rule: explicit > model.py > built-in."""
+        if self.entry_point and self.entry_point not in DJL_BUILTIN_ENTRY_POINTS:
+            candidate = self.model_dir / self.entry_point
+            return str(candidate) if candidate.exists() or self.entry_point.endswith(".py") else self.entry_point
+        if not self.entry_point and (self.model_dir / "model.py").exists():
+            return str(self.model_dir / "model.py")
+        return BUILTIN_HANDLER
+
+
+def load_model_config(model_dir: Path, name: str | None = None, environ: dict[str, str] | None = None) -> ModelConfig:
+    """Read model_dir/serving.properties, apply environment overrides, validate."""
+    model_dir = Path(model_dir).resolve()
+    if not model_dir.is_dir():
+        raise ConfigError(f"{model_dir}: not a model directory")
+    path = model_dir / PROPERTIES_FILE
+    raw = read_properties(path) if path.exists() else {}
+    raw.update(env_overrides(os.environ if environ is None else environ, raw))
+    return build_config(raw, model_dir, name or model_dir.name, source=str(path))
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """Java-style `key=value` lines with `#`/`!` comments. DJL's files use no more of the .properties syntax
+    than that, so a dependency for the rest (continuations, escapes) would buy nothing."""
+    result = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line[0] in "#!":
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            key, sep, value = line.partition(":")
+        if not sep or not key.strip():
+            raise ConfigError(f"{path}:{number}: expected key=value, got {line!r}")
+        result[key.strip()] = value.strip()
+    return result
+
+
+def env_overrides(environ: dict[str, str], file_keys: dict[str, str]) -> dict[str, str]:
+    """OPTION_<KEY> -> option.<key>; SERVING_<KEY> -> <key> for the keys ModelConfig knows.
+
+    Names match case-insensitively (OPTION_ENTRYPOINT -> option.entryPoint). Unknown SERVING_* variables are
+    skipped: Kubernetes injects SERVING_PORT and the like for a Service named `serving`.
+    """
+    known = {key.lower(): key for key in list(file_keys) + _known_keys()}
+    overrides = {}
+    for var, value in environ.items():
+        if var.startswith("OPTION_"):
+            key = "option." + var[len("OPTION_"):].lower()
+            overrides[known.get(key, key)] = value
+        elif var.startswith("SERVING_"):
+            key = var[len("SERVING_"):].lower()
+            if key in known and not key.startswith("option."):
+                overrides[known[key]] = value
+    return overrides
+
+
+def _known_keys() -> list[str]:
+    return [field.alias or name for name, field in ModelConfig.model_fields.items() if name not in ("name", "model_dir", "options")]
+
+
+def build_config(raw: dict[str, str], model_dir: Path, name: str, source: str) -> ModelConfig:
+    known = set(_known_keys())
+    fields: dict[str, Any] = {"name": name, "model_dir": model_dir}
+    options = {}
+    for key, value in raw.items():
+        if key.startswith("option."):
+            options[key[len("option."):]] = value
+            if key in known:
+                fields[key] = value
+        elif key in known:
+            fields[key] = value
+        elif key in IGNORED_DJL_KEYS:
+            log.warning("%s: key %s is a DJL setting tpserve does not use; ignored", source, key)
+        else:
+            raise ConfigError(f"{source}: unknown key {key}={value!r} (known: {', '.join(sorted(known))}, option.*)")
+    fields["options"] = options
+    try:
+        config = ModelConfig.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"{source}: key {key}={raw.get(key, first.get('input'))!r} is invalid: {first['msg']}") from None
+    check_model_id(config, source)
+    if config.engine == "Python" and config.world_size != 1:
+        raise ConfigError(f"{source}: key option.tensor_parallel_degree={config.tensor_parallel_degree!r} needs "
+                          f"engine=DeepSpeed or MPI (engine=Python runs one process)")
+    return config.model_copy(update={"model_id": resolve_model_id(config)})
+
+
+def resolve_model_id(config: ModelConfig) -> str | None:
+    """A relative model_id that exists under model_dir becomes an absolute path; hub ids stay as they are."""
+    if config.model_id and not os.path.isabs(config.model_id) and (config.model_dir / config.model_id).exists():
+        return str((config.model_dir / config.model_id).resolve())
+    return config.model_id
+
+
+def check_model_id(config: ModelConfig, source: str) -> None:
+    model_id = config.model_id
+    looks_local = model_id and (model_id.startswith(("/", "./", "../")) or model_id.endswith(".gguf"))
+    if looks_local and not (config.model_dir / model_id).exists():
+        raise ConfigError(f"{source}: key option.model_id={model_id!r} is invalid: no such file or folder")
+
+
+def visible_accelerators() -> int:
+    """GPUs this process may use, counted without importing torch (the front end stays light)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    return len([d for d in Path("/dev").glob("nvidia[0-9]*")])

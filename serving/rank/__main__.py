@@ -1,0 +1,67 @@
+"""Entry point of one rank: `python -m serving.rank --socket PATH --engine DeepSpeed` (under mpirun).
+
+Maps Open MPI's environment to the names torch.distributed and DeepSpeed read, joins the process group
+(NCCL with one GPU per local rank, gloo on CPUs), then rank 0 serves the front end's socket and every other
+rank follows rank 0's broadcasts.
+"""
+import argparse
+import logging
+import os
+import sys
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m serving.rank")
+    parser.add_argument("--socket", required=True, help="Unix socket rank 0 listens on")
+    parser.add_argument("--engine", default="DeepSpeed", choices=["Python", "DeepSpeed", "MPI"])
+    args = parser.parse_args(argv)
+
+    map_mpi_environment()
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
+
+    from serving.rank.comm import MpiComm, SoloComm
+    from serving.rank.relay import Relay, follow
+    from serving.rank.worker import Worker
+
+    comm = MpiComm() if args.engine != "Python" else SoloComm()
+    if args.engine != "Python":
+        join_process_group(args.engine)
+    worker = Worker(comm.rank)
+    if comm.rank == 0:
+        Relay(comm, worker, args.socket).serve()
+    else:
+        follow(comm, worker)
+
+
+def map_mpi_environment() -> None:
+    """torch.distributed and DeepSpeed read RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_SIZE; Open MPI sets OMPI_*.
+    Without LOCAL_SIZE, DeepSpeed's CPU shared-memory all-reduce crashes."""
+    names = {"RANK": "OMPI_COMM_WORLD_RANK", "WORLD_SIZE": "OMPI_COMM_WORLD_SIZE",
+             "LOCAL_RANK": "OMPI_COMM_WORLD_LOCAL_RANK", "LOCAL_SIZE": "OMPI_COMM_WORLD_LOCAL_SIZE"}
+    for name, ompi in names.items():
+        os.environ.setdefault(name, os.environ.get(ompi, "0" if "RANK" in name else "1"))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+
+
+def join_process_group(engine: str) -> None:
+    import torch
+
+    local_rank, local_size = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_SIZE"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        backend = "nccl"
+    else:
+        # Ranks share the cores: without this each rank starts one thread per core and they fight.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+        backend = "gloo"
+    if engine == "DeepSpeed":
+        import deepspeed
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    else:
+        torch.distributed.init_process_group(backend=backend)
+
+
+if __name__ == "__main__":
+    main()
