@@ -198,7 +198,7 @@ def build_config(raw: dict[str, str], model_dir: Path, name: str, source: str) -
         config = ModelConfig.model_validate(fields)
     except ValidationError as exc:
         first = exc.errors()[0]
-        key = ".".join(str(part) for part in first["loc"])
+        key = str(first["loc"][0])  # the key as written; later parts name union branches (int, literal)
         raise ConfigError(f"{source}: key {key}={raw.get(key, first.get('input'))!r} is invalid: {first['msg']}") from None
     check_model_id(config, source)
     if config.engine == "Python" and config.world_size != 1:

@@ -6,7 +6,11 @@ today, with errors that do not say why. Anything else is reported as `Type: mess
 
 HINTS = [
     # (words the error contains, what to tell the user)
-    (("kernel inject", "replace_with_kernel_inject", "inference_core_ops", "transformer_inference",
+    (("not supported by cpu accelerator",),
+     "DeepSpeed's CPU accelerator has no fp16: on CPUs load the model and call init_inference with "
+     "dtype=torch.float32 (or torch.bfloat16), and with replace_with_kernel_inject=False, since DeepSpeed's "
+     "fused kernels exist only for GPUs. fp16 works on a GPU."),
+    (("not been implemented on cpu", "kernel inject", "replace_with_kernel_inject", "inference_core_ops", "transformer_inference",
       "InferenceBuilder", "cuda_not_available", "not compiled with cuda", "deepspeed kernel"),
      "DeepSpeed's fused kernels (replace_with_kernel_inject=True) are not available here: they have no CPU "
      "implementation and refuse transformers releases newer than 4.43.4. Call deepspeed.init_inference(model, "

@@ -1,0 +1,70 @@
+"""Shared fixtures: the demo model (converted once by `make demo`), a tiny random Llama, and one session-wide
+tpserve server holding every model the end-to-end tests need, so ranks start once per test run."""
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.server import ROOT, Server
+
+DEMO = ROOT / "model_store" / "smollm2" / "model"
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    if not (DEMO / ".converted").exists():
+        from serving.demo import prepare
+        prepare(DEMO)
+    return DEMO
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, demo_model) -> Path:
+    """A 2-layer Llama with random weights: 4 heads and 2 KV heads split evenly over 2 ranks."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512,
+                         initializer_range=0.2, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(demo_model).save_pretrained(path)
+    return path
+
+
+def model_dir(root: Path, name: str, properties: dict[str, str], handler: Path | None = None) -> Path:
+    path = root / name
+    path.mkdir()
+    (path / "serving.properties").write_text("".join(f"{key}={value}\n" for key, value in properties.items()))
+    if handler:
+        shutil.copy(handler, path / "model.py")
+    return path
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, demo_model, tiny_llama):
+    """The demo at TP=2 (as `make serve` runs it) beside the models the other tests compare it with."""
+    store = tmp_path_factory.mktemp("model-store")
+    model_dir(store, "smollm2_tp1", {"engine": "DeepSpeed", "option.model_id": str(demo_model),
+                                     "option.tensor_parallel_degree": "1", "option.dtype": "fp32"})
+    model_dir(store, "article", {"engine": "DeepSpeed", "option.model_id": str(demo_model),
+                                 "option.tensor_parallel_degree": "2"}, handler=ROOT / "model_store" / "article" / "model.py")
+    for tp in (1, 2):
+        model_dir(store, f"probe_llama_tp{tp}", {"engine": "DeepSpeed", "option.model_id": str(tiny_llama),
+                                                 "option.tensor_parallel_degree": str(tp)}, handler=FIXTURES / "probe.py")
+    model_dir(store, "probe_smollm2_tp2", {"engine": "DeepSpeed", "option.model_id": str(demo_model),
+                                           "option.tensor_parallel_degree": "2"}, handler=FIXTURES / "probe.py")
+    model_dir(store, "faulty", {"engine": "Python"}, handler=FIXTURES / "faulty.py")
+    srv = Server(["--model-store", str(store), "-m", f"smollm2={ROOT / 'model_store' / 'smollm2'}"],
+                 tmp_path_factory.mktemp("logs") / "server.log")
+    try:
+        models = srv.wait_for_models()
+        failed = {name: model["error"] for name, model in models.items() if model["state"] != "READY"}
+        assert not failed, f"models failed to load: {failed}\n{srv.log_tail()}"
+        yield srv
+    finally:
+        srv.stop()

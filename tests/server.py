@@ -1,0 +1,77 @@
+"""A real `tpserve` subprocess for end-to-end tests: started on a free port, waited on by condition (its
+models' states), stopped by process id, with its log kept for failure messages."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen([sys.executable, "-m", "serving.cli", *args, "--port", str(self.port)],
+                                        cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **(env or {})})
+        self.started = time.monotonic()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def post(self, path: str, **kwargs) -> requests.Response:
+        return requests.post(self.url(path), timeout=kwargs.pop("timeout", 120), **kwargs)
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        return requests.get(self.url(path), timeout=kwargs.pop("timeout", 30), **kwargs)
+
+    def wait_for_models(self, timeout: float = 300) -> dict[str, dict]:
+        """Until every model has left LOADING (READY or FAILED); returns their summaries by name."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tpserve exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                models = self.get("/models", timeout=5).json()["models"]
+                if all(model["state"] != "LOADING" for model in models):
+                    return {model["modelName"]: model for model in models}
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"models still loading after {timeout} s:\n{self.log_tail()}")
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                for proc in [psutil.Process(self.process.pid)] + self.descendants():
+                    proc.kill()
+                self.process.wait(10)
+        self._log.close()
+        return self.process.returncode
+
+    def log_tail(self, lines: int = 60) -> str:
+        self._log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
