@@ -50,7 +50,8 @@ class TextGenerator:
             torch.manual_seed(params.seed)
         encoded = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
         agreement = GroupAgreement(self.tp, cancelled)
-        kwargs = dict(max_new_tokens=params.max_new_tokens, repetition_penalty=params.repetition_penalty,
+        kwargs = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
+                      repetition_penalty=params.repetition_penalty,
                       pad_token_id=self.tokenizer.pad_token_id, logits_processor=LogitsProcessorList([agreement]),
                       stopping_criteria=StoppingCriteriaList([StopWhenAgreed(agreement)]), return_dict_in_generate=True, output_logits=params.details)
         if params.do_sample and params.temperature > 0:

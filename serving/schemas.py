@@ -14,6 +14,8 @@ class GenerationParameters(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     max_new_tokens: int = Field(30, ge=1, le=1_000_000)
+    min_new_tokens: int = Field(0, ge=0, le=1_000_000)
+    """Suppress the end-of-sequence token until this many tokens were generated (benchmarks force lengths)."""
     do_sample: bool = False
     temperature: float = Field(1.0, ge=0.0)
     """0 means greedy, as in OpenAI's API."""
