@@ -1,18 +1,23 @@
 """The built-in handler: text generation with a Hugging Face causal LM, split over the ranks by DeepSpeed
 AutoTP (`deepspeed.init_inference(tensor_parallel={"tp_size": TP}, replace_with_kernel_inject=False)`).
 
-Bodies are DJL/LMI's `{"inputs": str | [str], "parameters": {...}}` or plain text; the answer is
-`{"generated_text": ...}` (a list of them for a list of inputs).
+Bodies are DJL/LMI's `{"inputs": str | [str] | "messages": [...], "parameters": {...}, "stream": bool}` or
+plain text; the answer is `{"generated_text", "details"?}` (a list for a list of inputs), or, streamed, one
+`{"token": {...}}` object per generated token, the last with generated_text and details.
 
-Every rank runs generate() on the same prompts. To make sure they also pick the same token at every step,
-rank 0's final scores are broadcast each step (one small collective; it makes sampling safe even where
-all-reduce results differ in the last bit between ranks), together with rank 0's decision to stop early
-because the client went away.
+Every rank runs generate() on the same prompts. Each step, rank 0's final scores are broadcast (so every
+rank draws the same token, even where all-reduce results differ in the last bit between ranks), together
+with rank 0's decision to stop because the client went away. The stopping decision itself (end of sequence,
+stop strings, length, cancellation) is made by `Steps`, which sees each new token and its log-probability
+as soon as it is chosen: that is what streams.
 """
 import json
 import logging
 import os
+import queue
+import threading
 import time
+from dataclasses import dataclass, field
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -20,9 +25,13 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from handlers.loading import load_model, load_tokenizer, resolve_dtype
 from serving.rank.inputs import Input
 from serving.rank.outputs import Output
-from serving.schemas import Details, GenerateRequest, Generation, GenerationParameters, Token
+from serving.schemas import Details, GenerateRequest, Generation, GenerationParameters, StreamToken, Token
 
 log = logging.getLogger("tpserve.handlers.text_generation")
+
+
+class RequestError(Exception):
+    """A request the model cannot serve as asked (e.g. longer than its context): 422 naming the field."""
 
 
 class TextGenerator:
@@ -34,6 +43,7 @@ class TextGenerator:
         dtype = resolve_dtype(properties.get("dtype", "auto"))
         self.tokenizer = load_tokenizer(model_id, trust)
         model = load_model(model_id, dtype, trust)
+        self.context = getattr(model.config, "max_position_embeddings", None)
         if properties.get("engine", "DeepSpeed") == "Python":
             self.model = model.to(_device())
         else:
@@ -42,59 +52,154 @@ class TextGenerator:
                                               replace_with_kernel_inject=False)
             self.model = engine.module
         self.device = next(self.model.parameters()).device
+        eos = self.model.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id])
         log.info("loaded %s (%s, tp=%d, %s) in %.1f s", model_id, dtype, self.tp, self.device,
                  time.monotonic() - started)
 
-    def generate(self, prompts: list[str], params: GenerationParameters, cancelled) -> list[Generation]:
+    def encode(self, request: GenerateRequest):
+        """Tokenise the request's prompts (a chat is rendered with the model's template first) and check that
+        they fit the model's context with max_new_tokens more."""
+        if request.messages is not None:
+            messages = [message.model_dump() for message in request.messages]
+            prompts = [self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)]
+            # the template already wrote the special tokens
+            encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        else:
+            prompts = [request.inputs] if isinstance(request.inputs, str) else list(request.inputs)
+            encoded = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        longest = int(encoded["attention_mask"].sum(dim=1).max())
+        wanted = request.parameters.max_new_tokens
+        if self.context and longest + wanted > self.context:
+            raise RequestError(f"parameters.max_new_tokens: {wanted} new tokens after a prompt of {longest} "
+                               f"exceed the model's context of {self.context} tokens")
+        return prompts, encoded
+
+    def generate(self, prompts: list[str], encoded, params: GenerationParameters, cancelled,
+                 on_token=None) -> list["Sequence"]:
+        """Generate for every prompt at once; `on_token(sequence, token, text)` sees each token as it comes."""
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
+        encoded = encoded.to(self.device)
+        lengths = encoded["attention_mask"].sum(dim=1).tolist()
+        sequences = [Sequence(self.tokenizer, prompt, length, params) for prompt, length in zip(prompts, lengths)]
+        if params.details and params.decoder_input_details:
+            self._prefill_details(encoded, sequences)
         agreement = GroupAgreement(self.tp, cancelled)
+        steps = Steps(sequences, agreement, self.eos, params, on_token)
         kwargs = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
-                      repetition_penalty=params.repetition_penalty,
-                      pad_token_id=self.tokenizer.pad_token_id, logits_processor=LogitsProcessorList([agreement]),
-                      stopping_criteria=StoppingCriteriaList([StopWhenAgreed(agreement)]), return_dict_in_generate=True, output_logits=params.details)
+                      repetition_penalty=params.repetition_penalty, pad_token_id=self.tokenizer.pad_token_id,
+                      logits_processor=LogitsProcessorList([agreement]),
+                      stopping_criteria=StoppingCriteriaList([steps]))
         if params.do_sample and params.temperature > 0:
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
                           top_k=params.top_k or None)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if params.stop_sequences:
-            kwargs.update(stop_strings=params.stop_sequences, tokenizer=self.tokenizer)
         with torch.inference_mode():
-            out = self.model.generate(**encoded, **kwargs)
-        prompt_len = encoded["input_ids"].shape[1]
-        results = []
-        for row, prompt in enumerate(prompts):
-            new_ids = out.sequences[row, prompt_len:].tolist()
-            results.append(self._result(prompt, new_ids, params, agreement.stopped, out.logits, row))
-        return results
+            self.model.generate(**encoded, **kwargs)
+        for sequence in sequences:
+            if sequence.finish is None:  # generate stopped on its own (max length): close the sequence
+                sequence.close("length")
+        return sequences
 
-    def _result(self, prompt: str, ids: list[int], params: GenerationParameters, cancelled: bool, logits, row: int):
-        eos = set(_as_list(self.model.generation_config.eos_token_id) or [self.tokenizer.eos_token_id])
-        # generate pads rows that finished early with pad (often == eos): keep ids up to the first eos
-        for i, token in enumerate(ids):
-            if token in eos:
-                ids, finish = ids[:i + 1], "eos_token"
-                break
-        else:
-            finish = "length"
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        for stop in params.stop_sequences:
-            at = text.find(stop)
+    def _prefill_details(self, encoded, sequences: list["Sequence"]) -> None:
+        """Log-probabilities of each prompt token given the ones before it (one extra forward pass)."""
+        with torch.inference_mode():
+            logits = self.model(**encoded).logits.float()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        for row, sequence in enumerate(sequences):
+            ids = encoded["input_ids"][row][encoded["attention_mask"][row].bool()].tolist()
+            offset = encoded["input_ids"].shape[1] - len(ids)
+            sequence.prefill = [Token(id=ids[0], text=self.tokenizer.decode([ids[0]]), log_prob=float("nan"))] + [
+                Token(id=t, text=self.tokenizer.decode([t]), log_prob=log_probs[row, offset + i, t].item())
+                for i, t in enumerate(ids[1:])]
+
+
+@dataclass
+class Sequence:
+    """One prompt's generation: tokens, their log-probabilities, and the text decoded so far."""
+
+    tokenizer: object
+    prompt: str
+    prompt_tokens: int
+    params: GenerationParameters
+    ids: list[int] = field(default_factory=list)
+    log_probs: list[float] = field(default_factory=list)
+    top: list[list[Token]] = field(default_factory=list)
+    prefill: list[Token] | None = None
+    text: str = ""  # decoded so far (may end in a partial stop sequence)
+    sent: int = 0  # characters of `text` already streamed
+    finish: str | None = None
+    _prefix: int = 0
+    _read: int = 0
+
+    def add(self, token: int, log_prob: float, top: list[Token] | None) -> str:
+        """Append a token; returns the text that may be streamed now."""
+        self.ids.append(token)
+        self.log_probs.append(log_prob)
+        if top is not None:
+            self.top.append(top)
+        self.text += self._decode_increment()
+        return self._releasable()
+
+    def close(self, reason: str) -> str:
+        """Finish the sequence; returns the rest of its text that was not streamed yet."""
+        self.finish = reason
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if full.startswith(self.text):  # a multi-byte character held back by the incremental decoder
+            self.text = full
+        for stop in self.params.stop_sequences:
+            at = self.text.find(stop)
             if at >= 0:
-                text, finish = text[:at + len(stop)], "stop_sequence"
-        if cancelled:
-            finish = "cancelled"
-        generation = Generation(generated_text=prompt + text if params.return_full_text else text)
-        if params.details:
-            tokens = []
-            for step, token in enumerate(ids):
-                log_probs = torch.log_softmax(logits[step][row].float(), dim=-1)
-                tokens.append(Token(id=token, text=self.tokenizer.decode([token]), log_prob=log_probs[token].item()))
-            generation.details = Details(finish_reason=finish, generated_tokens=len(ids), seed=params.seed,
-                                         tokens=tokens)
+                self.text = self.text[:at + len(stop) if self.params.include_stop_str_in_output else at]
+                self.finish = "stop_sequence" if reason != "cancelled" else reason
+                break
+        rest = self.text[self.sent:]
+        self.sent = len(self.text)
+        return rest
+
+    def stop_matched(self) -> bool:
+        return any(stop in self.text for stop in self.params.stop_sequences)
+
+    def _decode_increment(self) -> str:
+        # Decoding token by token breaks multi-byte characters and merges; decode a short window instead
+        # and emit only what became stable (the method TGI and vLLM use).
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.ids[self._prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def _releasable(self) -> str:
+        """Text that can be streamed: all but a tail that could still become a stop sequence."""
+        end = len(self.text)
+        for stop in self.params.stop_sequences:
+            at = self.text.find(stop)
+            if at >= 0:  # never past a complete stop sequence (the sequence is about to close)
+                end = min(end, at + len(stop) if self.params.include_stop_str_in_output else at)
+                continue
+            for k in range(min(len(stop) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(stop[:k]):
+                    end = min(end, len(self.text) - k)
+                    break
+        if end <= self.sent:
+            return ""
+        out, self.sent = self.text[self.sent:end], end
+        return out
+
+    def result(self, return_full_text: bool) -> Generation:
+        generation = Generation(generated_text=self.prompt + self.text if return_full_text else self.text)
+        if self.params.details:
+            generation.details = self.details()
         return generation
+
+    def details(self) -> Details:
+        tokens = [Token(id=t, text=self.tokenizer.decode([t]), log_prob=lp) for t, lp in zip(self.ids, self.log_probs)]
+        return Details(finish_reason=self.finish or "length", generated_tokens=len(self.ids),
+                       prompt_tokens=self.prompt_tokens, seed=self.params.seed, tokens=tokens,
+                       top_tokens=self.top or None, prefill=self.prefill)
 
 
 class GroupAgreement(LogitsProcessor):
@@ -105,6 +210,7 @@ class GroupAgreement(LogitsProcessor):
         self.world_size = world_size
         self.cancelled = cancelled
         self.stopped = False
+        self.scores: torch.Tensor | None = None
 
     def __call__(self, input_ids, scores):
         flag = 1.0 if self.cancelled() else 0.0
@@ -113,19 +219,56 @@ class GroupAgreement(LogitsProcessor):
             torch.distributed.broadcast(packed, src=0)
             scores, flag = packed[:, :-1], packed[0, -1].item()
         self.stopped = flag > 0
+        self.scores = scores
         return scores
 
 
-class StopWhenAgreed(StoppingCriteria):
-    def __init__(self, agreement: GroupAgreement):
+class Steps(StoppingCriteria):
+    """Called by generate right after each token is chosen: records it (with its log-probability under the
+    distribution it was drawn from, as TGI reports it), decides whether its sequence is finished, and hands
+    it to `on_token` for streaming."""
+
+    def __init__(self, sequences: list[Sequence], agreement: GroupAgreement, eos: set[int],
+                 params: GenerationParameters, on_token=None):
+        self.sequences = sequences
         self.agreement = agreement
+        self.eos = eos
+        self.params = params
+        self.on_token = on_token
 
     def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.agreement.stopped, dtype=torch.bool, device=input_ids.device)
+        tokens = input_ids[:, -1].tolist()
+        log_probs = torch.log_softmax(self.agreement.scores.float(), dim=-1)
+        top = torch.topk(log_probs, self.params.top_n_tokens, dim=-1) if self.params.top_n_tokens else None
+        done = []
+        for row, sequence in enumerate(self.sequences):
+            if sequence.finish is not None:
+                done.append(True)
+                continue
+            token = tokens[row]
+            alternatives = None
+            if top is not None:
+                alternatives = [Token(id=i, text=sequence.tokenizer.decode([i]), log_prob=lp)
+                                for lp, i in zip(top.values[row].tolist(), top.indices[row].tolist())]
+            text = sequence.add(token, log_probs[row, token].item(), alternatives)
+            reason = self._finish_reason(sequence, token)
+            if reason is not None:
+                text += sequence.close(reason)
+            if self.on_token is not None:
+                self.on_token(sequence, token, text)
+            done.append(sequence.finish is not None)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
-
-def _as_list(value):
-    return value if isinstance(value, list) else ([] if value is None else [value])
+    def _finish_reason(self, sequence: Sequence, token: int) -> str | None:
+        if self.agreement.stopped:
+            return "cancelled"
+        if token in self.eos and len(sequence.ids) >= self.params.min_new_tokens:
+            return "eos_token"
+        if sequence.stop_matched():
+            return "stop_sequence"
+        if len(sequence.ids) >= self.params.max_new_tokens:
+            return "length"
+        return None
 
 
 def _device() -> torch.device:
@@ -148,11 +291,57 @@ def handle(inputs: Input) -> Output | None:
     for index, item in enumerate(inputs.get_batches()):
         batch_index = index if inputs.is_batch() else None
         request = parse_request(item)
-        prompts = [request.inputs] if isinstance(request.inputs, str) else request.inputs
-        results = _generator.generate(prompts, request.parameters, item.is_cancelled)
-        body = [r.model_dump(exclude_none=True) for r in results]
-        output.add_as_json(body[0] if isinstance(request.inputs, str) else body, batch_index=batch_index)
+        try:
+            prompts, encoded = _generator.encode(request)
+        except RequestError as exc:
+            output.error(str(exc), code=422, message=str(exc), batch_index=batch_index)
+            continue
+        if wants_stream(item, request) and not inputs.is_batch():
+            return output.add_stream_content(stream(_generator, prompts, encoded, request, item.is_cancelled))
+        sequences = _generator.generate(prompts, encoded, request.parameters, item.is_cancelled)
+        _log_cancelled(sequences)
+        body = [s.result(request.parameters.return_full_text).model_dump(exclude_none=True) for s in sequences]
+        output.add_as_json(body if isinstance(request.inputs, list) else body[0], batch_index=batch_index)
     return output
+
+
+def stream(generator: TextGenerator, prompts: list[str], encoded, request: GenerateRequest, cancelled):
+    """Yield one StreamToken per generated token, as generate() produces them (generate runs in a thread;
+    this generator hands its tokens over through a queue)."""
+    events: queue.Queue = queue.Queue()
+    done = object()
+
+    def on_token(sequence: Sequence, token: int, text: str) -> None:
+        event = StreamToken(token=Token(id=token, text=text, log_prob=sequence.log_probs[-1]))
+        if sequence.finish is not None:
+            event.generated_text = sequence.result(request.parameters.return_full_text).generated_text
+            event.details = sequence.details()
+        events.put(event.model_dump(exclude_none=True))
+
+    def run() -> None:
+        try:
+            _log_cancelled(generator.generate(prompts, encoded, request.parameters, cancelled, on_token))
+            events.put(done)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            events.put(exc)
+
+    threading.Thread(target=run, name="generate", daemon=True).start()
+    while (event := events.get()) is not done:
+        if isinstance(event, BaseException):
+            raise event
+        yield event
+
+
+def _log_cancelled(sequences: list[Sequence]) -> None:
+    for sequence in sequences:
+        if sequence.finish == "cancelled":
+            log.info("generation cancelled (client gone) after %d tokens", len(sequence.ids))
+
+
+def wants_stream(item: Input, request: GenerateRequest) -> bool:
+    formatter = item.get_property("output_formatter") or ""
+    accept = item.get_property("accept") or ""
+    return request.stream or formatter in ("jsonlines", "sse") or "text/event-stream" in accept
 
 
 def parse_request(item: Input) -> GenerateRequest:

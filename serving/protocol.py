@@ -31,7 +31,10 @@ def pack(message: dict) -> bytes:
 
 
 def unpack(data: bytes) -> dict:
-    message = msgpack.unpackb(data, raw=False)
+    try:
+        message = msgpack.unpackb(data, raw=False)
+    except (ValueError, msgpack.UnpackException) as exc:  # FormatError, ExtraData, StackError...
+        raise ProtocolError(f"frame is not msgpack: {exc}") from None
     if not isinstance(message, dict) or "kind" not in message:
         raise ProtocolError(f"frame is not a map with a kind: {message!r:.200}")
     return message

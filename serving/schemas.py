@@ -3,7 +3,7 @@ relaying it (a bad one gets 422 naming the field, and never reaches the ranks); 
 the same models on the rank side."""
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_SEED = 2**63 - 1
 
@@ -25,8 +25,14 @@ class GenerationParameters(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop_sequences: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=16)
+    include_stop_str_in_output: bool = True
+    """Keep a matched stop sequence at the end of the text (TGI/LMI do; the OpenAI API does not)."""
     return_full_text: bool = False
     details: bool = False
+    decoder_input_details: bool = False
+    """With details: the prompt's tokens and their log-probabilities (`details.prefill`)."""
+    top_n_tokens: int = Field(0, ge=0, le=20)
+    """With details: the n most likely tokens at each step (`details.top_tokens`)."""
 
     @field_validator("stop_sequences", mode="before")
     @classmethod
@@ -34,14 +40,31 @@ class GenerationParameters(BaseModel):
         return [value] if isinstance(value, str) else value
 
 
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
 class GenerateRequest(BaseModel):
-    """The DJL/LMI body: `{"inputs": "..." | ["...", ...], "parameters": {...}}`."""
+    """The DJL/LMI body: `{"inputs": "..." | ["...", ...], "parameters": {...}, "stream": false}`, or
+    `{"messages": [{"role", "content"}, ...], ...}` to have the model's chat template applied."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    inputs: str | Annotated[list[str], Field(min_length=1)]
+    inputs: str | Annotated[list[str], Field(min_length=1)] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     parameters: GenerationParameters = Field(default_factory=GenerationParameters)
     stream: bool = False
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self):
+        if (self.inputs is None) == (self.messages is None):
+            raise ValueError("give exactly one of inputs and messages")
+        if self.stream and isinstance(self.inputs, list):
+            raise ValueError("stream needs a single input, not a list")
+        return self
 
 
 class Token(BaseModel):
@@ -51,10 +74,24 @@ class Token(BaseModel):
 
 
 class Details(BaseModel):
-    finish_reason: Literal["length", "eos_token", "stop_sequence", "cancelled"]
+    finish_reason: Literal["length", "eos_token", "stop_sequence", "cancelled", "error"]
     generated_tokens: int
+    prompt_tokens: int
     seed: int | None = None
     tokens: list[Token] = []
+    top_tokens: list[list[Token]] | None = None
+    prefill: list[Token] | None = None
+
+
+class StreamToken(BaseModel):
+    """One line of a jsonlines stream (one `data:` event of an SSE stream). `token.text` is the text this token
+    adds, so the texts of all lines concatenate to generated_text; the last line also has generated_text and
+    details."""
+
+    token: Token | None = None
+    generated_text: str | None = None
+    details: Details | None = None
+    error: str | None = None
 
 
 class Generation(BaseModel):

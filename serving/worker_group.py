@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from serving.config import ModelConfig
-from serving.protocol import encode, read_frame
+from serving.protocol import ProtocolError, encode, read_frame
 
 log = logging.getLogger("tpserve.worker_group")
 
@@ -205,8 +205,8 @@ class WorkerGroup:
                 else:
                     await self._group_failed(f"rank 0 reported: {frame.get('message')}")
                     return
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            await self._group_failed(f"connection to rank 0 lost ({type(exc).__name__}; {self._exit_status()})")
+        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError) as exc:
+            await self._group_failed(f"connection to rank 0 lost ({type(exc).__name__}: {exc}; {self._exit_status()})")
 
     async def _watch(self) -> None:
         """Heartbeats out; a dead, silent or hung group is failed."""

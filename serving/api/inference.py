@@ -4,7 +4,6 @@ The front end checks what it can without the model (a JSON body that does not pa
 built-in handler, LMI parameters against the schema: 422 naming the field) and queues the rest. When the
 client goes away, the request is cancelled on the ranks.
 """
-import asyncio
 import json
 
 from aiohttp import web
@@ -14,9 +13,11 @@ from serving.api.errors import error_response
 from serving.config import BUILTIN_HANDLER
 from serving.registry import REGISTRY, UnknownModel
 from serving.schemas import GenerateRequest
-from serving.worker_group import GroupUnavailable, Pending, QueueFull, WorkerGroup
+from serving.api.dispatch import DispatchError, dispatch
+from serving.worker_group import WorkerGroup
 
 routes = web.RouteTableDef()
+UNION_BRANCHES = {"str", "list[str]", "list[ChatMessage]", "int", "float", "bool", "none"}
 
 
 @routes.post("/predictions/{model}")
@@ -40,22 +41,55 @@ async def _infer(request: web.Request, pick) -> web.StreamResponse:
     if problem is not None:
         return problem
     headers = {key.lower(): value for key, value in request.headers.items()}
+    stream: web.StreamResponse | None = None
     try:
-        pending = group.submit({"properties": headers, "content": {"data": body}})
-    except QueueFull as exc:
-        return error_response(503, "QueueFull", str(exc))
-    except GroupUnavailable as exc:
-        return error_response(503, "ServiceUnavailable", str(exc))
-    try:
-        async with asyncio.timeout(group.config.predict_timeout):
-            return await _relay(request, pending)
-    except TimeoutError:
-        group.cancel(pending)
-        return error_response(504, "Timeout", f"no answer within option.predict_timeout="
-                                              f"{group.config.predict_timeout} s")
-    except BaseException:  # the client disconnected (handler cancelled) or we failed: stop the work
-        group.cancel(pending)
-        raise
+        async with dispatch(group, body, headers) as frames:
+            async for frame in frames:
+                if frame["kind"] == "response":  # the whole answer, or the end of a stream
+                    if stream is None:
+                        return output_response(frame["output"])
+                    await stream.write_eof()
+                    return stream
+                if frame["kind"] == "error":
+                    return await finish_with_error(stream, frame["code"], frame["message"])
+                if stream is None:
+                    stream = await start_stream(request, group, frame.get("properties", {}))
+                await stream.write(stream_line(stream, frame["data"]))
+    except DispatchError as exc:
+        return await finish_with_error(stream, exc.code, exc.message, exc.type)
+    return stream
+
+
+def wants_sse(request: web.Request, group: WorkerGroup) -> bool:
+    return ("text/event-stream" in request.headers.get("Accept", "")
+            or group.config.options.get("output_formatter") == "sse")
+
+
+async def start_stream(request: web.Request, group: WorkerGroup, properties: dict) -> web.StreamResponse:
+    sse = wants_sse(request, group)
+    content_type = "text/event-stream" if sse else properties.get("content-type", "application/jsonlines")
+    stream = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
+    stream["sse"] = sse
+    await stream.prepare(request)
+    return stream
+
+
+def stream_line(stream: web.StreamResponse, data: bytes) -> bytes:
+    return b"data: " + data.rstrip(b"\n") + b"\n\n" if stream["sse"] else data
+
+
+async def finish_with_error(stream: web.StreamResponse | None, code: int, message: str,
+                            type_: str | None = None) -> web.StreamResponse:
+    """Before the first chunk, an ordinary error response; after it the status line is gone, so the stream
+    ends with a last object whose finish_reason is `error`."""
+    type_ = type_ or ("HandlerError" if code == 424 else "ServiceUnavailable")
+    if stream is None:
+        return error_response(code, type_, message)
+    last = {"token": None, "generated_text": None, "details": {"finish_reason": "error"},
+            "error": {"code": code, "type": type_, "message": message}}
+    await stream.write(stream_line(stream, (json.dumps(last) + "\n").encode()))
+    await stream.write_eof()
+    return stream
 
 
 def check_body(group: WorkerGroup, content_type: str, body: bytes) -> web.Response | None:
@@ -80,28 +114,9 @@ def describe_validation_error(exc: ValidationError) -> str:
     messages = []
     for error in exc.errors():
         # a union's alternatives add their type name to the location (inputs.str, inputs.list[str])
-        field = ".".join(str(part) for part in error["loc"] if not str(part).startswith(("str", "list[")))
+        field = ".".join(str(part) for part in error["loc"] if str(part) not in UNION_BRANCHES)
         messages.append(f"{field or 'body'}: {error['msg']} (got {error.get('input')!r:.80})")
     return "; ".join(messages)
-
-
-async def _relay(request: web.Request, pending: Pending) -> web.StreamResponse:
-    frame = await pending.frames.get()
-    if frame["kind"] == "error":
-        return error_response(frame["code"], "HandlerError" if frame["code"] == 424 else "ServiceUnavailable",
-                              frame["message"])
-    if frame["kind"] == "response":
-        return output_response(frame["output"])
-    stream = web.StreamResponse(headers={"Content-Type": "application/jsonlines"})
-    await stream.prepare(request)
-    while frame["kind"] == "chunk":
-        await stream.write(frame["data"])
-        frame = await pending.frames.get()
-    if frame["kind"] == "error":  # the status line is gone: the error becomes the stream's last line
-        line = {"code": frame["code"], "type": "HandlerError", "message": frame["message"]}
-        await stream.write((json.dumps(line) + "\n").encode())
-    await stream.write_eof()
-    return stream
 
 
 def output_response(output: dict) -> web.Response:
@@ -113,5 +128,5 @@ def output_response(output: dict) -> web.Response:
     properties = dict(output["properties"])
     content_type = properties.pop("content-type", "application/octet-stream" if content else "application/json")
     headers = {key: value for key, value in properties.items() if key.isascii()}
-    return web.Response(status=code, body=content[0][1] if content else b"", headers=headers,
-                        content_type=content_type.split(";")[0])
+    headers["Content-Type"] = content_type  # as the handler wrote it, charset included
+    return web.Response(status=code, body=content[0][1] if content else b"", headers=headers)

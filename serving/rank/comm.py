@@ -1,11 +1,15 @@
 """How rank 0 hands each unit of work to the other ranks.
 
 A blocking mpi4py broadcast busy-polls: a waiting rank burns a whole core (measured: 6 s of CPU in 6 s of
-waiting, with or without mpi_yield_when_idle). So a waiting rank posts a non-blocking broadcast of an
-8-byte length and polls it with a sleep that backs off from 0.2 ms to 10 ms (about 1% of a core when idle;
-at most 10 ms added to the first request after a quiet spell). The payload follows as a plain broadcast,
-which is quick because every rank is then already waiting for it.
+waiting, with or without mpi_yield_when_idle). So the other ranks sleep in select() on a loopback UDP socket.
+Rank 0 posts a non-blocking broadcast of the payload's length, then sends each rank a one-byte wake-up; a
+woken rank polls its posted broadcast (it completes within microseconds, rank 0 is already in it) and then
+takes the payload in a plain broadcast. Idle ranks wake twice a second to test the broadcast anyway, so even a
+lost datagram costs at most half a second, never a hang. All ranks of a group run on one host (one mpirun
+on localhost), which is what makes a loopback wake-up enough.
 """
+import select
+import socket
 import struct
 import time
 from typing import Any
@@ -13,7 +17,8 @@ from typing import Any
 from serving.protocol import pack, unpack
 
 LENGTH = struct.Struct(">q")
-MIN_SLEEP, MAX_SLEEP = 0.0002, 0.01
+IDLE_CHECK = 0.5  # seconds a sleeping rank waits between checks of its posted broadcast
+WOKEN_POLL_LIMIT = 1.0  # seconds a woken rank polls before going back to sleep
 
 
 class SoloComm:
@@ -37,21 +42,28 @@ class MpiComm:
         self.comm = MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
+        self.wake = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.wake.bind(("127.0.0.1", 0))
+        self.wake.setblocking(False)
+        self.peers = self.comm.allgather(self.wake.getsockname()[1])[1:]
 
     def broadcast(self, unit: dict) -> None:
         """Rank 0: send `unit` to every other rank."""
         payload = bytearray(pack(unit))
-        self.comm.Ibcast(bytearray(LENGTH.pack(len(payload))), root=0).Wait()
+        request = self.comm.Ibcast(bytearray(LENGTH.pack(len(payload))), root=0)
+        for port in self.peers:
+            self.wake.sendto(b"w", ("127.0.0.1", port))
+        request.Wait()
         self.comm.Bcast(payload, root=0)
 
     def receive(self) -> dict:
         """Ranks > 0: sleep until rank 0 broadcasts, then return the unit."""
         header = bytearray(LENGTH.size)
         request = self.comm.Ibcast(header, root=0)
-        pause = MIN_SLEEP
         while not request.Test():
-            time.sleep(pause)
-            pause = min(pause * 2, MAX_SLEEP)
+            if select.select([self.wake], [], [], IDLE_CHECK)[0]:
+                self._drain_wakeups()
+                _poll(request, WOKEN_POLL_LIMIT)
         (length,) = LENGTH.unpack(header)
         payload = bytearray(length)
         self.comm.Bcast(payload, root=0)
@@ -60,3 +72,19 @@ class MpiComm:
     def gather(self, value: Any) -> list[Any] | None:
         """Every rank's `value` at rank 0 (None elsewhere); used once per model load, so blocking is fine."""
         return self.comm.gather(value, root=0)
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while True:
+                self.wake.recv(64)
+        except BlockingIOError:
+            pass
+
+
+def _poll(request, limit: float) -> None:
+    """Test a posted request with short sleeps (10 us growing to 1 ms) for at most `limit` seconds."""
+    deadline = time.monotonic() + limit
+    pause = 1e-5
+    while not request.Test() and time.monotonic() < deadline:
+        time.sleep(pause)
+        pause = min(pause * 2, 1e-3)

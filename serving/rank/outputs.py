@@ -8,6 +8,7 @@ import json
 from typing import Any, Iterable
 
 JSON = "application/json"
+ERROR_TYPES = {400: "BadRequest", 422: "ValidationError", 503: "ServiceUnavailable"}
 
 
 class Output:
@@ -57,12 +58,14 @@ class Output:
 
     def error(self, error: str, code: int = 424, message: str = "prediction failure", key: str | None = None,
               batch_index: int | None = None) -> "Output":
-        """Fail the request (or one item of a batch) with `code` and a JSON body naming the error."""
+        """Fail the request (or one item of a batch) with `code` and a JSON body in the server's error shape
+        (`{"code", "type", "message"}`, plus DJL's `error`)."""
         if batch_index is None:
             self.code, self.message = code, message
         else:
             self.item_errors[batch_index] = (code, message)
-        return self.add_as_json({"code": code, "message": message, "error": error}, key, batch_index)
+        body = {"code": code, "type": ERROR_TYPES.get(code, "HandlerError"), "message": message, "error": error}
+        return self.add_as_json(body, key, batch_index)
 
     # --- used by the relay ---------------------------------------------------------------------
     def for_item(self, index: int, batch_size: int) -> dict:

@@ -75,8 +75,10 @@ class Relay:
         try:
             output, stream = self.worker.run(unit, self._is_cancelled)
             if stream is not None:
+                first = {"properties": output.properties}  # headers go with the first chunk
                 for chunk in stream:
-                    self._send({"kind": "chunk", "id": ids[0], "data": chunk})
+                    self._send({"kind": "chunk", "id": ids[0], "data": chunk, **first})
+                    first = {}
         except HandlerError as exc:
             for rid in ids:
                 self._send({"kind": "error", "id": rid, "code": 424, "message": str(exc)})

@@ -1,0 +1,79 @@
+"""GET /openapi.json: the API described from the same pydantic models that validate requests, so the
+document cannot drift from what the server accepts."""
+from aiohttp import web
+from pydantic.json_schema import models_json_schema
+
+from serving.api.openai import ChatCompletionRequest, CompletionRequest
+from serving.schemas import ErrorBody, GenerateRequest, Generation, StreamToken
+
+routes = web.RouteTableDef()
+MODELS = [GenerateRequest, Generation, StreamToken, ErrorBody, CompletionRequest, ChatCompletionRequest]
+ERRORS = {"400": "malformed body", "404": "unknown model", "422": "invalid parameters",
+          "424": "the handler failed", "503": "model not ready or queue full", "504": "predict_timeout passed"}
+
+
+def ref(model) -> dict:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def json_body(schema: dict) -> dict:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def inference_operation(summary: str, extra_parameters: list[dict]) -> dict:
+    return {"post": {
+        "summary": summary,
+        "parameters": extra_parameters,
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": ref(GenerateRequest)},
+            "text/plain": {"schema": {"type": "string", "minLength": 1}}}},
+        "responses": {
+            "200": {"description": "generated text; a list for a list of inputs; jsonlines or SSE when streamed",
+                    "content": {"application/json": {"schema": {"oneOf": [ref(Generation),
+                                                                          {"type": "array", "items": ref(Generation)}]}},
+                                "application/jsonlines": {"schema": ref(StreamToken)},
+                                "text/event-stream": {"schema": ref(StreamToken)}}},
+            **{code: {"description": text, **json_body(ref(ErrorBody))} for code, text in ERRORS.items()}}}}
+
+
+def openai_operation(summary: str, model) -> dict:
+    return {"post": {"summary": summary, "requestBody": {"required": True, **json_body(ref(model))},
+                     "responses": {"200": {"description": "OpenAI response object, or SSE chunks ending in [DONE]",
+                                           **json_body({"type": "object"})},
+                                   "default": {"description": "OpenAI error object", **json_body({"type": "object"})}}}}
+
+
+def get_operation(summary: str, parameters: list[dict] | None = None) -> dict:
+    return {"get": {"summary": summary, "parameters": parameters or [],
+                    "responses": {"200": {"description": "ok", **json_body({"type": "object"})},
+                                  "default": {"description": "error", **json_body({"type": "object"})}}}}
+
+
+def build_document() -> dict:
+    _, definitions = models_json_schema([(model, "validation") for model in MODELS],
+                                        ref_template="#/components/schemas/{model}")
+    model_path = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
+    model_query = [{"name": "model_name", "in": "query", "required": False, "schema": {"type": "string"}}]
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "tpserve", "version": "0.1.0"},
+        "paths": {
+            "/predictions/{model}": inference_operation("Generate with a model (DJL/LMI body or text)", model_path),
+            "/invocations": inference_operation("Generate with the only model, or ?model_name=", model_query),
+            "/v1/completions": openai_operation("OpenAI completions", CompletionRequest),
+            "/v1/chat/completions": openai_operation("OpenAI chat completions", ChatCompletionRequest),
+            "/v1/models": get_operation("OpenAI model list"),
+            "/ping": get_operation("200 when every model is ready, else 503"),
+            "/models": get_operation("served models and their states"),
+            "/models/{model}": get_operation("one model's state and configuration", model_path),
+        },
+        "components": {"schemas": definitions["$defs"]},
+    }
+
+
+DOCUMENT = build_document()
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(DOCUMENT)
