@@ -84,13 +84,31 @@ def serve(model: Path, tp: int, logs: Path) -> dict:
             tokens = [[t["id"] for t in request(p, 32)["details"]["tokens"]] for p in PROMPTS]
             one = timed(lambda: request(PROMPTS[0], 1))
             full = timed(lambda: request(PROMPTS[0], NEW_TOKENS))
+            ttft, itl = stream_timings(server.url("/predictions/llama7b"), PROMPTS[0])
             memory = gpu_memory_mib()[:tp]
             text = request(PROMPTS[0], 16)["generated_text"]
         finally:
             server.stop()
     return {"tp": tp, "load_s": load_s, "gpu_mib": memory, "tokens": tokens, "text": text,
             "request_1_s": one, "request_128_s": full, "ms_per_token": (full - one) / (NEW_TOKENS - 1) * 1000,
-            "ms_per_token_overall": full / NEW_TOKENS * 1000}
+            "ms_per_token_overall": full / NEW_TOKENS * 1000, "stream_ttft_ms": ttft, "stream_itl_ms": itl}
+
+
+def stream_timings(url: str, prompt: str) -> tuple[float, float]:
+    """Median time to the first streamed token and median mean inter-token gap (ms) over 3 streamed requests."""
+    import requests
+
+    firsts, gaps = [], []
+    for _ in range(3):
+        body = {"inputs": prompt, "parameters": {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS},
+                "stream": True}
+        started, arrivals = time.perf_counter(), []
+        with requests.post(url, json=body, stream=True, timeout=300) as response:
+            arrivals = [time.perf_counter() for line in response.iter_lines() if line]
+        assert len(arrivals) == NEW_TOKENS, len(arrivals)
+        firsts.append(arrivals[0] - started)
+        gaps.append((arrivals[-1] - arrivals[0]) / (len(arrivals) - 1))
+    return statistics.median(firsts) * 1000, statistics.median(gaps) * 1000
 
 
 def baseline(model: Path) -> dict:
@@ -150,13 +168,14 @@ def main() -> None:
     print(f"\n{torch.cuda.get_device_name(0)}, Llama-2-7B shape, fp16, random weights, batch 1, "
           f"{NEW_TOKENS} greedy tokens, prompt {PROMPTS[0]!r}")
     print("| path | load (s) | GPU memory per GPU (MiB) | 1-token request (s) | 128-token request (s) | "
-          "decode ms/token | overall ms/token | greedy ids == first row |")
-    print("|---|---|---|---|---|---|---|---|")
+          "decode ms/token | overall ms/token | streamed TTFT (ms) | streamed inter-token (ms) | greedy ids == first row |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         name = f"tpserve TP={r['tp']}" if isinstance(r["tp"], int) else r["tp"]
         load = f"{r['load_s']:.0f}" if "load_s" in r else "-"
         print(f"| {name} | {load} | {r['gpu_mib']} | {r['request_1_s']:.3f} | {r['request_128_s']:.2f} | "
-              f"{r['ms_per_token']:.1f} | {r['ms_per_token_overall']:.1f} | {r['tokens_equal_first_row']} |")
+              f"{r['ms_per_token']:.1f} | {r['ms_per_token_overall']:.1f} | {r.get('stream_ttft_ms', 0):.0f} | "
+              f"{r.get('stream_itl_ms', 0):.1f} | {r['tokens_equal_first_row']} |")
 
 
 if __name__ == "__main__":
