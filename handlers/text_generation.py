@@ -9,13 +9,11 @@ Every rank runs generate() on the same prompts. Each step, rank 0's final scores
 rank draws the same token, even where all-reduce results differ in the last bit between ranks), together
 with rank 0's decision to stop because the client went away. The stopping decision itself (end of sequence,
 stop strings, length, cancellation) is made by `Steps`, which sees each new token and its log-probability
-as soon as it is chosen: that is what streams.
+as soon as it is chosen: that is what streams (Input.write_chunk, from inside generate()).
 """
 import json
 import logging
 import os
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -297,7 +295,7 @@ def handle(inputs: Input) -> Output | None:
             output.error(str(exc), code=422, message=str(exc), batch_index=batch_index)
             continue
         if wants_stream(item, request) and not inputs.is_batch():
-            return output.add_stream_content(stream(_generator, prompts, encoded, request, item.is_cancelled))
+            return stream(_generator, prompts, encoded, request, item)
         sequences = _generator.generate(prompts, encoded, request.parameters, item.is_cancelled)
         _log_cancelled(sequences)
         body = [s.result(request.parameters.return_full_text).model_dump(exclude_none=True) for s in sequences]
@@ -305,31 +303,19 @@ def handle(inputs: Input) -> Output | None:
     return output
 
 
-def stream(generator: TextGenerator, prompts: list[str], encoded, request: GenerateRequest, cancelled):
-    """Yield one StreamToken per generated token, as generate() produces them (generate runs in a thread;
-    this generator hands its tokens over through a queue)."""
-    events: queue.Queue = queue.Queue()
-    done = object()
+def stream(generator: TextGenerator, prompts: list[str], encoded, request: GenerateRequest, item: Input) -> Output:
+    """Send one StreamToken per generated token as generate() produces it (Input.write_chunk, on this thread:
+    generate() in a second thread ran 3x slower per token on an H100, measured). The returned Output ends it."""
 
     def on_token(sequence: Sequence, token: int, text: str) -> None:
         event = StreamToken(token=Token(id=token, text=text, log_prob=sequence.log_probs[-1]))
         if sequence.finish is not None:
             event.generated_text = sequence.result(request.parameters.return_full_text).generated_text
             event.details = sequence.details()
-        events.put(event.model_dump(exclude_none=True))
+        item.write_chunk(event.model_dump(exclude_none=True))
 
-    def run() -> None:
-        try:
-            _log_cancelled(generator.generate(prompts, encoded, request.parameters, cancelled, on_token))
-            events.put(done)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            events.put(exc)
-
-    threading.Thread(target=run, name="generate", daemon=True).start()
-    while (event := events.get()) is not done:
-        if isinstance(event, BaseException):
-            raise event
-        yield event
+    _log_cancelled(generator.generate(prompts, encoded, request.parameters, item.is_cancelled, on_token))
+    return Output()
 
 
 def _log_cancelled(sequences: list[Sequence]) -> None:

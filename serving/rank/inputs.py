@@ -10,11 +10,13 @@ from typing import Any, Callable
 
 class Input:
     def __init__(self, properties: dict[str, str] | None = None, content: dict[str, bytes] | None = None,
-                 batch: list["Input"] | None = None, cancelled: Callable[[], bool] | None = None):
+                 batch: list["Input"] | None = None, cancelled: Callable[[], bool] | None = None,
+                 chunk_writer: Callable[[Any], None] | None = None):
         self.properties = dict(properties or {})
         self.content = dict(content or {})
         self._batch = batch
         self._cancelled = cancelled or (lambda: False)
+        self._chunk_writer = chunk_writer or (lambda item: None)
 
     # --- DJL's API -----------------------------------------------------------------------------
     def get_properties(self) -> dict[str, str]:
@@ -60,6 +62,13 @@ class Input:
         """True once the client of this request went away. Meaningful on rank 0 only: a handler that stops
         early must make every rank stop at the same step (the built-in handler broadcasts the decision)."""
         return self._cancelled()
+
+    def write_chunk(self, item: Any) -> None:
+        """Stream `item` to the client now (rank 0; a no-op on the other ranks). The push form of
+        Output.add_stream_content for handlers that produce output from inside a call they cannot turn into a
+        generator (such as generate() with a callback): it keeps that work on the calling thread. bytes go as
+        they are, str as UTF-8, anything else as one JSON line. The Output handle() returns ends the stream."""
+        self._chunk_writer(item)
 
     def __repr__(self) -> str:
         sizes = {key: len(value) for key, value in self.content.items()}

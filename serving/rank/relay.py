@@ -73,12 +73,9 @@ class Relay:
     def _run(self, unit: dict) -> None:
         ids = [item["id"] for item in unit["items"]]
         try:
-            output, stream = self.worker.run(unit, self._is_cancelled)
-            if stream is not None:
-                first = {"properties": output.properties}  # headers go with the first chunk
-                for chunk in stream:
-                    self._send({"kind": "chunk", "id": ids[0], "data": chunk, **first})
-                    first = {}
+            output, stream = self.worker.run(unit, self._is_cancelled, self._send_chunk)
+            for chunk in stream or ():
+                self._send_chunk(ids[0], chunk, output.properties)
         except HandlerError as exc:
             for rid in ids:
                 self._send({"kind": "error", "id": rid, "code": 424, "message": str(exc)})
@@ -111,6 +108,13 @@ class Relay:
             self.busy_since = time.monotonic()
             # rank 0 picks the seed so that every rank samples the same tokens
             return {"kind": "batch", "seed": random.getrandbits(63), "items": items}
+
+    def _send_chunk(self, rid: int, data: bytes, properties: dict | None = None) -> None:
+        # the front end takes the response headers from a request's first chunk
+        frame = {"kind": "chunk", "id": rid, "data": data}
+        if properties:
+            frame["properties"] = properties
+        self._send(frame)
 
     def _is_cancelled(self, rid: int) -> bool:
         with self.cond:

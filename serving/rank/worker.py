@@ -48,13 +48,18 @@ class Worker:
         log.info("rank[%d] model loaded in %d ms", self.rank, (time.monotonic() - started) * 1000)
         return None
 
-    def run(self, unit: dict, cancelled: Callable[[int], bool]) -> tuple[Output, Iterator[bytes] | None]:
+    def run(self, unit: dict, cancelled: Callable[[int], bool],
+            write_chunk: Callable[[int, bytes], None] | None = None) -> tuple[Output, Iterator[bytes] | None]:
         """Run the handler on the unit's requests. Returns rank 0's Output and, for a streaming handler,
-        an iterator of encoded chunks that must be exhausted (on every rank) to finish the work."""
+        an iterator of encoded chunks that must be exhausted (on every rank) to finish the work.
+        `cancelled(id)` tells whether a request's client left; `write_chunk(id, data)` streams to it now."""
         seed_everything(unit["seed"])
         items = unit["items"]
+        push = write_chunk or (lambda rid, data: None)
         inputs = [Input({**item["input"]["properties"], **self.properties}, item["input"]["content"],
-                        cancelled=lambda rid=item["id"]: cancelled(rid)) for item in items]
+                        cancelled=lambda rid=item["id"]: cancelled(rid),
+                        chunk_writer=lambda value, rid=item["id"]: push(rid, encode_chunk(value)))
+                  for item in items]
         request = inputs[0] if len(inputs) == 1 else Input({**self.properties, "batch_size": str(len(inputs))},
                                                            batch=inputs)
         try:
