@@ -59,6 +59,9 @@ def server(tmp_path_factory, demo_model, tiny_llama):
     model_dir(store, "probe_smollm2_tp2", {"engine": "DeepSpeed", "option.model_id": str(demo_model),
                                            "option.tensor_parallel_degree": "2"}, handler=FIXTURES / "probe.py")
     model_dir(store, "faulty", {"engine": "Python"}, handler=FIXTURES / "faulty.py")
+    model_dir(store, "faulty_small_queue", {"engine": "Python", "job_queue_size": "1"}, handler=FIXTURES / "faulty.py")
+    model_dir(store, "echo_batched", {"engine": "Python", "option.entryPoint": "handlers.echo", "batch_size": "4",
+                                      "max_batch_delay": "500"})
     srv = Server(["--model-store", str(store), "-m", f"smollm2={ROOT / 'model_store' / 'smollm2'}"],
                  tmp_path_factory.mktemp("logs") / "server.log")
     try:

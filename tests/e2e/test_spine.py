@@ -1,5 +1,6 @@
 """The article's workflow end to end: a real tpserve process, real mpirun, SmolLM2 split over 2 ranks."""
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
@@ -177,6 +178,25 @@ def test_handler_chosen_status_code_is_passed_through(server):
     assert response.json()["message"] == "rejected by handler"
 
 
+def test_a_full_queue_is_503_and_frees_up(server):
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(server.post, "/predictions/faulty_small_queue", data="stream 20")
+        deadline = time.monotonic() + 10
+        while not server.get("/models/faulty_small_queue").json()["queued"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert_error(server.post("/predictions/faulty_small_queue", data="hello"), 503, "job_queue_size=1")
+        assert slow.result().status_code == 200
+    assert server.post("/predictions/faulty_small_queue", data="hello").text == "echo: hello"
+
+
+def test_concurrent_requests_are_batched_and_answered_each_with_its_own_result(server):
+    bodies = [f"request {i}" for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda body: server.post("/predictions/echo_batched", data=body), bodies))
+    assert [r.json()["echo"] for r in responses] == bodies
+    assert max(r.json()["batch_size"] for r in responses) > 1  # rank 0 handed several to one handle() call
+
+
 def test_unknown_route_is_a_json_404(server):
     assert_error(server.get("/no/such/route"), 404)
 
@@ -192,7 +212,7 @@ def test_idle_server_uses_almost_no_cpu(server):
     front_end = psutil.Process(server.process.pid)
     procs = [front_end] + server.descendants()
     ranks = [p for p in procs if p.cmdline()[1:3] == ["-m", "serving.rank"]]
-    assert len(ranks) == 11  # smollm2 x2, smollm2_tp1, article x2, probes x5, faulty
+    assert len(ranks) == 13  # smollm2 x2, smollm2_tp1, article x2, probes x5, faulty x2, echo_batched
     demo_mpirun = next(p for p in front_end.children() if "tpserve-smollm2-" in " ".join(p.cmdline()))
     demo = [front_end, demo_mpirun] + demo_mpirun.children(recursive=True)
     assert len([p for p in demo if p in ranks]) == 2
