@@ -68,7 +68,8 @@ class WorkerGroup:
         self._ids = itertools.count(1)
         self._process: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task] = []  # the frame reader and the watchdog of the current group
+        self._log_task: asyncio.Task | None = None
         self._failed = asyncio.Event()
         self._stopping = False
         self._tmpdir: str | None = None
@@ -119,7 +120,8 @@ class WorkerGroup:
             *launch_command(self.config, socket_path), env=rank_environment(self._master_port),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             start_new_session=True)  # its own process group, so the whole tree can be signalled
-        self._tasks = [asyncio.create_task(self._pump_log())]
+        self._log_task = asyncio.create_task(self._pump_log())  # ends by itself when the ranks' output closes
+        self._tasks = []
         try:
             async with asyncio.timeout(self.config.model_loading_timeout):
                 reader = await self._connect(socket_path)
@@ -258,7 +260,7 @@ class WorkerGroup:
         """Kill mpirun and every process under it, then remove what the ranks leave behind."""
         current = asyncio.current_task()
         for task in self._tasks:
-            if task is not current and task.get_coro().__name__ != "_pump_log":
+            if task is not current:
                 task.cancel()
         if self._writer is not None:
             self._writer.close()
