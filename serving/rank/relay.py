@@ -74,8 +74,8 @@ class Relay:
         ids = [item["id"] for item in unit["items"]]
         try:
             output, stream = self.worker.run(unit, self._is_cancelled, self._send_chunk)
-            for chunk in stream or ():
-                self._send_chunk(ids[0], chunk, output.properties)
+            for index, chunk in enumerate(stream or ()):
+                self._send_chunk(ids[0], chunk, output.properties if index == 0 else None)
         except HandlerError as exc:
             for rid in ids:
                 self._send({"kind": "error", "id": rid, "code": 424, "message": str(exc)})
