@@ -143,6 +143,8 @@ class Relay:
                 elif kind == "cancel":
                     if self.pending.pop(frame["id"], None) is None:
                         self.cancelled.add(frame["id"])
+                    else:
+                        log.info("rank 0: request %d dropped from the queue, its client left", frame["id"])
                 elif kind in ("init", "shutdown"):
                     self.control.append(frame)
                 else:

@@ -5,6 +5,7 @@ import json
 import math
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -165,6 +166,18 @@ def test_closing_the_connection_stops_generation_and_frees_the_group(server):
             break
         time.sleep(0.1)
     assert stopped and int(stopped[-1]) < 100, "generation went on after the client left"
+
+
+def test_a_queued_request_whose_client_left_is_dropped(server):
+    with ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(server.post, "/predictions/faulty", data="stream 40")  # ~2 s of work
+        time.sleep(0.3)
+        with pytest.raises(requests.Timeout):
+            server.post("/predictions/faulty", data="dropped-while-queued", timeout=0.5)
+        assert busy.result().status_code == 200
+    log = server.log_path.read_text()
+    assert re.search(r"rank0 .*request \d+ dropped from the queue, its client left", log)
+    assert server.post("/predictions/faulty", data="after").text == "echo: after"
 
 
 # --- OpenAI API through the official client ------------------------------------------------------------
