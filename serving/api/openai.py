@@ -182,37 +182,47 @@ async def _stream(request: web.Request, group, body: OpenAIRequest, kind: str) -
         data = payload if isinstance(payload, str) else json.dumps(payload)
         await response.write(f"data: {data}\n\n".encode())
 
-    async with dispatch(group, lmi_body(body, body.seed, stream=True), {"content-type": "application/json"}) as frames:
-        async for frame in frames:
-            if frame["kind"] != "chunk":
-                if response is None:  # failed before the first token: an ordinary error response
-                    message = frame.get("message") or "the handler answered without streaming"
-                    return openai_error(frame.get("code", 500), message, None, "HandlerError")
-                break
-            event = json.loads(frame["data"])
-            if response is None:
-                response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-                await response.prepare(request)
+    async def fail(code: int, message: str) -> None:  # after the first chunk the status line is gone
+        await send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "error"}],
+                    "error": {"code": code, "message": message}})
+
+    try:
+        async with dispatch(group, lmi_body(body, body.seed, stream=True), {"content-type": "application/json"}) as frames:
+            async for frame in frames:
+                if frame["kind"] != "chunk":
+                    if response is None:  # failed before the first token: an ordinary error response
+                        message = frame.get("message") or "the handler answered without streaming"
+                        return openai_error(frame.get("code", 500), message, None, "HandlerError")
+                    if frame["kind"] == "error":
+                        await fail(frame["code"], frame["message"])
+                    break
+                event = json.loads(frame["data"])
+                if response is None:
+                    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+                    await response.prepare(request)
+                    if chat:
+                        await send({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                         "finish_reason": None}]})
+                if "error" in event:
+                    await fail(event["error"].get("code", 500), event["error"].get("message", ""))
+                    break
+                details = event.get("details")
+                finish = FINISH_REASONS.get(details["finish_reason"], "stop") if details else None
+                text = event["token"]["text"]
                 if chat:
-                    await send({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                     "finish_reason": None}]})
-            if "error" in event:
-                await send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "error"}],
-                            "error": event["error"]})
-                break
-            details = event.get("details")
-            finish = FINISH_REASONS.get(details["finish_reason"], "stop") if details else None
-            text = event["token"]["text"]
-            if chat:
-                delta = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
-                if body.logprobs:
-                    delta["logprobs"] = {"content": chat_logprobs({"tokens": [event["token"]]})}
-            else:
-                delta = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-            await send({**base, "choices": [delta]})
-            if details and body.stream_options and body.stream_options.include_usage:
-                await send({**base, "choices": [], "usage": usage(details["prompt_tokens"],
-                                                                  details["generated_tokens"])})
+                    delta = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
+                    if body.logprobs:
+                        delta["logprobs"] = {"content": chat_logprobs({"tokens": [event["token"]]})}
+                else:
+                    delta = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+                await send({**base, "choices": [delta]})
+                if details and body.stream_options and body.stream_options.include_usage:
+                    await send({**base, "choices": [], "usage": usage(details["prompt_tokens"],
+                                                                      details["generated_tokens"])})
+    except DispatchError as exc:
+        if response is None:
+            raise
+        await fail(exc.code, exc.message)
     await send("[DONE]")
     await response.write_eof()
     return response
