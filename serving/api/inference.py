@@ -9,11 +9,11 @@ import json
 from aiohttp import web
 from pydantic import ValidationError
 
+from serving.api.dispatch import DispatchError, dispatch
 from serving.api.errors import error_response
 from serving.config import BUILTIN_HANDLER
 from serving.registry import REGISTRY, UnknownModel
 from serving.schemas import GenerateRequest
-from serving.api.dispatch import DispatchError, dispatch
 from serving.worker_group import WorkerGroup
 
 routes = web.RouteTableDef()
