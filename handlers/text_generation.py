@@ -147,18 +147,26 @@ class Sequence:
         full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if full.startswith(self.text):  # a multi-byte character held back by the incremental decoder
             self.text = full
-        for stop in self.params.stop_sequences:
-            at = self.text.find(stop)
-            if at >= 0:
-                self.text = self.text[:at + len(stop) if self.params.include_stop_str_in_output else at]
-                self.finish = "stop_sequence" if reason != "cancelled" else reason
-                break
+        cut = self._stop_cut()
+        if cut is not None:
+            self.text = self.text[:cut]
+            self.finish = "stop_sequence" if reason != "cancelled" else reason
         rest = self.text[self.sent:]
         self.sent = len(self.text)
         return rest
 
     def stop_matched(self) -> bool:
-        return any(stop in self.text for stop in self.params.stop_sequences)
+        return self._stop_cut() is not None
+
+    def _stop_cut(self) -> int | None:
+        """Where the text ends at the earliest complete stop sequence (after it, or before it when the stop
+        string is left out), or None when no stop sequence has appeared."""
+        cuts = []
+        for stop in self.params.stop_sequences:
+            at = self.text.find(stop)
+            if at >= 0:
+                cuts.append(at + len(stop) if self.params.include_stop_str_in_output else at)
+        return min(cuts, default=None)
 
     def _decode_increment(self) -> str:
         # Decoding token by token breaks multi-byte characters and merges; decode a short window instead
@@ -172,12 +180,9 @@ class Sequence:
 
     def _releasable(self) -> str:
         """Text that can be streamed: all but a tail that could still become a stop sequence."""
-        end = len(self.text)
+        cut = self._stop_cut()  # never past a complete stop sequence (the sequence is about to close)
+        end = len(self.text) if cut is None else cut
         for stop in self.params.stop_sequences:
-            at = self.text.find(stop)
-            if at >= 0:  # never past a complete stop sequence (the sequence is about to close)
-                end = min(end, at + len(stop) if self.params.include_stop_str_in_output else at)
-                continue
             for k in range(min(len(stop) - 1, len(self.text)), 0, -1):
                 if self.text.endswith(stop[:k]):
                     end = min(end, len(self.text) - k)
