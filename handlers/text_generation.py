@@ -5,31 +5,32 @@ Bodies are DJL/LMI's `{"inputs": str | [str] | "messages": [...], "parameters": 
 plain text; the answer is `{"generated_text", "details"?}` (a list for a list of inputs), or, streamed, one
 `{"token": {...}}` object per generated token, the last with generated_text and details.
 
-Every rank runs generate() on the same prompts. Each step, rank 0's final scores are broadcast (so every
+With option.rolling_batch=auto (the default) the handler only loads the model: the rank then runs the
+rolling-batch engine over it (serving/engine/; `rolling_batch_engine` below), where requests join and leave
+one running batch at every step. The rest of this file is the one-request-at-a-time path, kept for
+option.rolling_batch=disable and for models the engine cannot run (no attention-function support, e.g. Bloom).
+
+On that path every rank runs generate() on the same prompts. Each step, rank 0's final scores are broadcast (so every
 rank draws the same token, even where all-reduce results differ in the last bit between ranks), together
 with rank 0's decision to stop because the client went away. The stopping decision itself (end of sequence,
 stop strings, length, cancellation) is made by `Steps`, which sees each new token and its log-probability
 as soon as it is chosen: that is what streams (Input.write_chunk, from inside generate()).
 """
-import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from handlers.loading import load_model, load_tokenizer, resolve_dtype
+from serving.engine.detokenize import Sequence
+from serving.engine.intake import RequestError, check_lengths, parse_request, render_prompts, wants_stream
 from serving.rank.inputs import Input
 from serving.rank.outputs import Output
-from serving.schemas import Details, GenerateRequest, Generation, GenerationParameters, StreamToken, Token
+from serving.schemas import GenerateRequest, GenerationParameters, StreamToken, Token
 
 log = logging.getLogger("tpserve.handlers.text_generation")
-
-
-class RequestError(Exception):
-    """A request the model cannot serve as asked (e.g. longer than its context): 422 naming the field."""
 
 
 class TextGenerator:
@@ -56,21 +57,12 @@ class TextGenerator:
                  time.monotonic() - started)
 
     def encode(self, request: GenerateRequest):
-        """Tokenise the request's prompts (a chat is rendered with the model's template first) and check that
-        they fit the model's context with max_new_tokens more."""
-        if request.messages is not None:
-            messages = [message.model_dump() for message in request.messages]
-            prompts = [self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)]
-            # the template already wrote the special tokens
-            encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        else:
-            prompts = [request.inputs] if isinstance(request.inputs, str) else list(request.inputs)
-            encoded = self.tokenizer(prompts, return_tensors="pt", padding=True)
-        longest = int(encoded["attention_mask"].sum(dim=1).max())
-        wanted = request.parameters.max_new_tokens
-        if self.context and longest + wanted > self.context:
-            raise RequestError(f"parameters.max_new_tokens: {wanted} new tokens after a prompt of {longest} "
-                               f"exceed the model's context of {self.context} tokens")
+        """Tokenise the request's prompts into one left-padded batch and check that they fit the model's context
+        with max_new_tokens more."""
+        prompts, special = render_prompts(self.tokenizer, request)
+        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=special)
+        lengths = encoded["attention_mask"].sum(dim=1).tolist()
+        check_lengths(lengths, request.parameters.max_new_tokens, self.context)
         return prompts, encoded
 
     def generate(self, prompts: list[str], encoded, params: GenerationParameters, cancelled,
@@ -112,97 +104,6 @@ class TextGenerator:
             sequence.prefill = [Token(id=ids[0], text=self.tokenizer.decode([ids[0]]), log_prob=float("nan"))] + [
                 Token(id=t, text=self.tokenizer.decode([t]), log_prob=log_probs[row, offset + i, t].item())
                 for i, t in enumerate(ids[1:])]
-
-
-@dataclass
-class Sequence:
-    """One prompt's generation: tokens, their log-probabilities, and the text decoded so far."""
-
-    tokenizer: object
-    prompt: str
-    prompt_tokens: int
-    params: GenerationParameters
-    ids: list[int] = field(default_factory=list)
-    log_probs: list[float] = field(default_factory=list)
-    top: list[list[Token]] = field(default_factory=list)
-    prefill: list[Token] | None = None
-    text: str = ""  # decoded so far (may end in a partial stop sequence)
-    sent: int = 0  # characters of `text` already streamed
-    finish: str | None = None
-    _prefix: int = 0
-    _read: int = 0
-
-    def add(self, token: int, log_prob: float, top: list[Token] | None) -> str:
-        """Append a token; returns the text that may be streamed now."""
-        self.ids.append(token)
-        self.log_probs.append(log_prob)
-        if top is not None:
-            self.top.append(top)
-        self.text += self._decode_increment()
-        return self._releasable()
-
-    def close(self, reason: str) -> str:
-        """Finish the sequence; returns the rest of its text that was not streamed yet."""
-        self.finish = reason
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if full.startswith(self.text):  # a multi-byte character held back by the incremental decoder
-            self.text = full
-        cut = self._stop_cut()
-        if cut is not None:
-            self.text = self.text[:cut]
-            self.finish = "stop_sequence" if reason != "cancelled" else reason
-        rest = self.text[self.sent:]
-        self.sent = len(self.text)
-        return rest
-
-    def stop_matched(self) -> bool:
-        return self._stop_cut() is not None
-
-    def _stop_cut(self) -> int | None:
-        """Where the text ends at the earliest complete stop sequence (after it, or before it when the stop
-        string is left out), or None when no stop sequence has appeared."""
-        cuts = []
-        for stop in self.params.stop_sequences:
-            at = self.text.find(stop)
-            if at >= 0:
-                cuts.append(at + len(stop) if self.params.include_stop_str_in_output else at)
-        return min(cuts, default=None)
-
-    def _decode_increment(self) -> str:
-        # Decoding token by token breaks multi-byte characters and merges; decode a short window instead
-        # and emit only what became stable (the method TGI and vLLM use).
-        before = self.tokenizer.decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
-        after = self.tokenizer.decode(self.ids[self._prefix:], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self.ids)
-            return after[len(before):]
-        return ""
-
-    def _releasable(self) -> str:
-        """Text that can be streamed: all but a tail that could still become a stop sequence."""
-        cut = self._stop_cut()  # never past a complete stop sequence (the sequence is about to close)
-        end = len(self.text) if cut is None else cut
-        for stop in self.params.stop_sequences:
-            for k in range(min(len(stop) - 1, len(self.text)), 0, -1):
-                if self.text.endswith(stop[:k]):
-                    end = min(end, len(self.text) - k)
-                    break
-        if end <= self.sent:
-            return ""
-        out, self.sent = self.text[self.sent:end], end
-        return out
-
-    def result(self, return_full_text: bool) -> Generation:
-        generation = Generation(generated_text=self.prompt + self.text if return_full_text else self.text)
-        if self.params.details:
-            generation.details = self.details()
-        return generation
-
-    def details(self) -> Details:
-        tokens = [Token(id=t, text=self.tokenizer.decode([t]), log_prob=lp) for t, lp in zip(self.ids, self.log_probs)]
-        return Details(finish_reason=self.finish or "length", generated_tokens=len(self.ids),
-                       prompt_tokens=self.prompt_tokens, seed=self.params.seed, tokens=tokens,
-                       top_tokens=self.top or None, prefill=self.prefill)
 
 
 class GroupAgreement(LogitsProcessor):
@@ -284,6 +185,19 @@ def _device() -> torch.device:
 _generator: TextGenerator | None = None
 
 
+def rolling_batch_engine(properties: dict[str, str]):
+    """The engine every rank runs over the loaded model (serving/rank/worker.py asks after loading), or None for
+    the one-request-at-a-time path."""
+    if properties.get("rolling_batch", "auto") == "disable":
+        return None
+    from serving.engine.loop import Engine, supports
+    if not supports(_generator.model):
+        log.warning("%s cannot run in the rolling-batch engine (its attention does not use transformers' "
+                    "attention interface); serving one request at a time", type(_generator.model).__name__)
+        return None
+    return Engine(_generator.model, _generator.tokenizer, _generator.eos, properties, _generator.tp)
+
+
 def handle(inputs: Input) -> Output | None:
     global _generator
     if _generator is None:
@@ -327,16 +241,3 @@ def _log_cancelled(sequences: list[Sequence]) -> None:
     for sequence in sequences:
         if sequence.finish == "cancelled":
             log.info("generation cancelled (client gone) after %d tokens", len(sequence.ids))
-
-
-def wants_stream(item: Input, request: GenerateRequest) -> bool:
-    formatter = item.get_property("output_formatter") or ""
-    accept = item.get_property("accept") or ""
-    return request.stream or formatter in ("jsonlines", "sse") or "text/event-stream" in accept
-
-
-def parse_request(item: Input) -> GenerateRequest:
-    content_type = (item.get_property("content-type") or "").split(";")[0].strip().lower()
-    if content_type == "application/json":
-        return GenerateRequest.model_validate(json.loads(item.get_as_bytes()))
-    return GenerateRequest(inputs=item.get_as_string())

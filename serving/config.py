@@ -67,6 +67,21 @@ class ModelConfig(BaseModel):
     """Seconds from launching the ranks to the model being ready on all of them."""
     predict_timeout: int = Field(120, gt=0, alias="option.predict_timeout")
     """Seconds one request may take; a group busy far longer than this is treated as hung and restarted."""
+    rolling_batch: Literal["auto", "disable"] = Field("auto", alias="option.rolling_batch")
+    """auto: the built-in handler runs the rolling-batch engine (requests join and leave the running batch at every
+    step). disable: one request (or one dynamic batch) at a time. Custom handlers always get dynamic batching."""
+    max_rolling_batch_size: int = Field(32, ge=1, alias="option.max_rolling_batch_size")
+    """Rows (sequences) the engine decodes at once; more requests wait in the queue."""
+    max_rolling_batch_prefill_tokens: int = Field(4096, ge=1, alias="option.max_rolling_batch_prefill_tokens")
+    """Prompt tokens prefilled per step; a longer prompt is prefilled in chunks, so others keep streaming."""
+    max_model_len: int | None = Field(None, ge=2, alias="option.max_model_len")
+    """Tokens one sequence may hold, prompt and output (default: the model's context). Each row of the KV cache
+    is this long."""
+    max_kv_cache_tokens: int | None = Field(None, ge=2, alias="option.max_kv_cache_tokens")
+    """The KV-cache budget in tokens (rows x max_model_len). Default: max_rolling_batch_size rows on a CPU; on a GPU
+    what gpu_memory_utilization leaves after the weights."""
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, alias="option.gpu_memory_utilization")
+    """Share of each GPU's memory that weights and KV cache may take, when max_kv_cache_tokens is not set."""
     batch_size: int = Field(1, ge=1)
     """Most requests rank 0 hands to the handler at once (DJL dynamic batching: Input.get_batches())."""
     max_batch_delay: int = Field(100, ge=0)
@@ -113,6 +128,7 @@ class ModelConfig(BaseModel):
             trust_remote_code=str(self.trust_remote_code).lower(),
             batch_size=str(self.batch_size),
             max_batch_delay=str(self.max_batch_delay),
+            predict_timeout=str(self.predict_timeout),
             model_name=self.name,
         )
         return props

@@ -5,6 +5,10 @@ left, marks running ones cancelled, and answers heartbeats at once, even while t
 a forward pass. The main thread takes the next unit (a control frame, or a batch of up to batch_size
 requests gathered within max_batch_delay), broadcasts it, runs it like every other rank, and sends rank 0's
 results back. The other ranks run `follow()`: receive a unit, run it, repeat.
+
+When the handler offers a rolling-batch engine (the built-in one does, option.rolling_batch=auto), rank 0's main
+thread runs the engine's loop instead of units (serving/engine/loop.py): requests join and leave a running batch
+at every step, and each step's plan is the unit the other ranks receive.
 """
 import collections
 import logging
@@ -14,8 +18,9 @@ import socket
 import threading
 import time
 
+from serving.engine.plan import StepPlan
 from serving.protocol import encode, recv_frame
-from serving.rank.worker import HandlerError, Worker
+from serving.rank.worker import HandlerError, Worker, encode_chunk
 
 log = logging.getLogger("tpserve.relay")
 
@@ -53,6 +58,9 @@ class Relay:
                 return
             if unit["kind"] == "init":
                 self._load(unit)
+                if self.worker.engine is not None:
+                    from serving.engine.loop import EngineLoop  # torch and transformers: only for the engine
+                    EngineLoop(self.worker.engine, self).run()  # returns when a control frame waits
             else:
                 self._run(unit)
             with self.cond:
@@ -109,6 +117,15 @@ class Relay:
             # rank 0 picks the seed so that every rank samples the same tokens
             return {"kind": "batch", "seed": random.getrandbits(63), "items": items}
 
+    def send_frames(self, frames: list[dict]) -> None:
+        """Several frames in one write: a rolling-batch step answers many requests at once."""
+        if frames:
+            self._send_bytes(b"".join(encode(frame) for frame in frames), frames[0]["kind"])
+
+    @staticmethod
+    def chunk_frame(rid: int, value) -> dict:
+        return {"kind": "chunk", "id": rid, "data": encode_chunk(value)}
+
     def _send_chunk(self, rid: int, data: bytes, properties: dict | None = None) -> None:
         # the front end takes the response headers from a request's first chunk
         frame = {"kind": "chunk", "id": rid, "data": data}
@@ -149,17 +166,19 @@ class Relay:
                     self.control.append(frame)
                 else:
                     log.error("rank 0: unknown frame kind %r ignored", kind)
-                self.cond.notify()
+                self.cond.notify_all()  # the main loop, and the engine's intake thread, may be waiting
             if kind == "shutdown":
                 return
 
     def _send(self, frame: dict) -> None:
-        data = encode(frame)
+        self._send_bytes(encode(frame), frame["kind"])
+
+    def _send_bytes(self, data: bytes, kind: str) -> None:
         with self.send_lock:
             try:
                 self.conn.sendall(data)
             except OSError:
-                log.warning("rank 0: could not send a %s frame; the front end is gone", frame["kind"])
+                log.warning("rank 0: could not send a %s frame; the front end is gone", kind)
 
 
 def follow(comm, worker: Worker) -> None:
@@ -170,6 +189,9 @@ def follow(comm, worker: Worker) -> None:
             return
         if unit["kind"] == "init":
             comm.gather(worker.load(unit))
+            continue
+        if unit["kind"] == "step":
+            worker.engine.step(StepPlan.unpack(unit["plan"]))  # a failure here diverges the ranks: let it end the rank
             continue
         try:
             _, stream = worker.run(unit, lambda rid: False)

@@ -29,6 +29,7 @@ class Worker:
         self.rank = rank
         self.properties: dict[str, str] = {}
         self.handle: Callable[[Input], Output | None] | None = None
+        self.engine = None  # the handler's rolling-batch engine, when it offers one
 
     def load(self, unit: dict) -> str | None:
         """Import the entry point and warm it up with an empty Input (DJL's initialisation call, where
@@ -42,6 +43,10 @@ class Worker:
             if not callable(self.handle):
                 return f"entry point {unit['entry_point']} has no handle(inputs) function"
             self.handle(Input(self.properties))
+            # A handler that can batch at the step level offers `rolling_batch_engine(properties)`: an engine
+            # object, or None when option.rolling_batch=disable (or the model cannot run in it).
+            make_engine = getattr(module, "rolling_batch_engine", None)
+            self.engine = make_engine(self.properties) if callable(make_engine) else None
         except BaseException as exc:  # noqa: BLE001 - any failure, even SystemExit, must reach the front end
             log.exception("rank[%d] failed to load the model", self.rank)
             return explain(exc)

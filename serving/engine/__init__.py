@@ -1,0 +1,13 @@
+"""The rolling-batch engine: many requests decode together, a new one joins at the next step, a finished one
+leaves at once. Rank 0 schedules and samples; every rank runs the same forward over its own slot cache.
+
+    request.py     one request's rows and their state (rank 0)
+    scheduler.py   which rows prefill and decode this step, under the slot and prefill-token budgets (rank 0)
+    plan.py        the step's plan: the small fixed-layout message rank 0 broadcasts
+    kv_cache.py    the slot cache: K and V of every row, allocated once from a budget
+    attention.py   attention over the slot cache, registered with transformers' attention interface
+    runner.py      one forward of the model for a plan (every rank)
+    sampling.py    each row's next token with its own parameters and generator (rank 0)
+    detokenize.py  incremental text and stop sequences (rank 0)
+    loop.py        the engine as a whole: rank 0's loop, the other ranks' step
+"""

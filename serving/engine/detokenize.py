@@ -1,0 +1,100 @@
+"""A generated sequence's text, as it streams: incremental detokenizing and stop sequences (rank 0 only).
+
+Decoding token by token breaks multi-byte characters and merges, so each step decodes a short window and emits
+only what became stable (the method TGI and vLLM use). Text that could still turn into a stop sequence is held
+back until it is clear that it does not.
+"""
+from dataclasses import dataclass, field
+
+from serving.schemas import Details, Generation, GenerationParameters, Token
+
+
+@dataclass
+class Sequence:
+    """One prompt's generation: tokens, their log-probabilities, and the text decoded so far."""
+
+    tokenizer: object
+    prompt: str
+    prompt_tokens: int
+    params: GenerationParameters
+    ids: list[int] = field(default_factory=list)
+    log_probs: list[float] = field(default_factory=list)
+    top: list[list[Token]] = field(default_factory=list)
+    prefill: list[Token] | None = None
+    text: str = ""  # decoded so far (may end in a partial stop sequence)
+    sent: int = 0  # characters of `text` already streamed
+    finish: str | None = None
+    _prefix: int = 0
+    _read: int = 0
+
+    def add(self, token: int, log_prob: float, top: list[Token] | None) -> str:
+        """Append a token; returns the text that may be streamed now."""
+        self.ids.append(token)
+        self.log_probs.append(log_prob)
+        if top is not None:
+            self.top.append(top)
+        self.text += self._decode_increment()
+        return self._releasable()
+
+    def close(self, reason: str) -> str:
+        """Finish the sequence; returns the rest of its text that was not streamed yet."""
+        self.finish = reason
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if full.startswith(self.text):  # a multi-byte character held back by the incremental decoder
+            self.text = full
+        cut = self._stop_cut()
+        if cut is not None:
+            self.text = self.text[:cut]
+            self.finish = "stop_sequence" if reason != "cancelled" else reason
+        rest = self.text[self.sent:]
+        self.sent = len(self.text)
+        return rest
+
+    def stop_matched(self) -> bool:
+        return self._stop_cut() is not None
+
+    def _stop_cut(self) -> int | None:
+        """Where the text ends at the earliest complete stop sequence (after it, or before it when the stop
+        string is left out), or None when no stop sequence has appeared."""
+        cuts = []
+        for stop in self.params.stop_sequences:
+            at = self.text.find(stop)
+            if at >= 0:
+                cuts.append(at + len(stop) if self.params.include_stop_str_in_output else at)
+        return min(cuts, default=None)
+
+    def _decode_increment(self) -> str:
+        # Decoding token by token breaks multi-byte characters and merges; decode a short window instead
+        # and emit only what became stable (the method TGI and vLLM use).
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.ids[self._prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def _releasable(self) -> str:
+        """Text that can be streamed: all but a tail that could still become a stop sequence."""
+        cut = self._stop_cut()  # never past a complete stop sequence (the sequence is about to close)
+        end = len(self.text) if cut is None else cut
+        for stop in self.params.stop_sequences:
+            for k in range(min(len(stop) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(stop[:k]):
+                    end = min(end, len(self.text) - k)
+                    break
+        if end <= self.sent:
+            return ""
+        out, self.sent = self.text[self.sent:end], end
+        return out
+
+    def result(self, return_full_text: bool) -> Generation:
+        generation = Generation(generated_text=self.prompt + self.text if return_full_text else self.text)
+        if self.params.details:
+            generation.details = self.details()
+        return generation
+
+    def details(self) -> Details:
+        tokens = [Token(id=t, text=self.tokenizer.decode([t]), log_prob=lp) for t, lp in zip(self.ids, self.log_probs)]
+        return Details(finish_reason=self.finish or "length", generated_tokens=len(self.ids),
+                       prompt_tokens=self.prompt_tokens, seed=self.params.seed, tokens=tokens,
+                       top_tokens=self.top or None, prefill=self.prefill)

@@ -1,0 +1,331 @@
+"""The engine as a whole: every rank's runner over its slot cache, and rank 0's loop that drives it.
+
+Rank 0, each step:
+  gather   new requests (parsed and tokenised by the intake thread), cancels, expired deadlines, a shutdown
+  schedule decode every running row, prefill new ones under the slot and prefill-token budgets (scheduler.py)
+  send     the plan to every rank (a few hundred bytes; plan.py)
+  run      the same forward on every rank (runner.py)
+  sample   each row's next token with its own parameters (sampling.py), detokenise, stream, finish
+Other ranks run `Engine.step` for each plan rank 0 sends (serving/rank/relay.py: follow). Generation stays on
+each rank's main thread; rank 0's intake thread only parses and tokenises, so a huge prompt never holds a step.
+"""
+import collections
+import copy
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from pydantic import ValidationError
+
+from serving.engine import attention
+from serving.engine.detokenize import Sequence
+from serving.engine.intake import RequestError, parse_request, tokenize, wants_stream
+from serving.engine.kv_cache import SlotCache, bytes_per_token, plan_slots
+from serving.engine.plan import Chunk, StepPlan
+from serving.engine.request import Request, Row
+from serving.engine.runner import ModelRunner
+from serving.engine.sampling import Draw, SamplingRow, sample
+from serving.engine.scheduler import Kept, Scheduler
+from serving.rank.inputs import Input
+from serving.rank.outputs import Output
+from serving.schemas import StreamToken, Token
+
+log = logging.getLogger("tpserve.engine")
+IDLE_WAIT = 0.5  # seconds the idle loop sleeps between looks at deadlines
+ACTIVATION_RESERVE = 1 << 30  # GPU bytes kept free of the KV cache for activations and the allocator
+
+
+@dataclass
+class EngineSettings:
+    """The engine's keys from serving.properties (option.* without the prefix; serving/config.py validates them)."""
+
+    max_rows: int = 32  # option.max_rolling_batch_size
+    prefill_tokens: int = 4096  # option.max_rolling_batch_prefill_tokens
+    max_model_len: int | None = None  # option.max_model_len: tokens one sequence may hold
+    kv_cache_tokens: int | None = None  # option.max_kv_cache_tokens: the KV budget, in tokens
+    memory_utilization: float = 0.9  # option.gpu_memory_utilization: share of GPU memory for weights and KV
+    predict_timeout: float = 120.0
+
+    @classmethod
+    def from_properties(cls, properties: dict[str, str]) -> "EngineSettings":
+        def value(key: str, default, kind=int):
+            text = properties.get(key)
+            return default if text in (None, "") else kind(text)
+
+        return cls(max_rows=value("max_rolling_batch_size", cls.max_rows),
+                   prefill_tokens=value("max_rolling_batch_prefill_tokens", cls.prefill_tokens),
+                   max_model_len=value("max_model_len", None), kv_cache_tokens=value("max_kv_cache_tokens", None),
+                   memory_utilization=value("gpu_memory_utilization", cls.memory_utilization, float),
+                   predict_timeout=value("predict_timeout", cls.predict_timeout, float))
+
+
+def supports(model) -> bool:
+    """The engine needs a model whose attention goes through transformers' attention-function registry."""
+    return bool(getattr(model, "_supports_attention_backend", False))
+
+
+class Engine:
+    """Every rank's part: the slot cache and the model runner, over the model the handler loaded."""
+
+    def __init__(self, model, tokenizer, eos: set[int], properties: dict[str, str], world_size: int):
+        started = time.monotonic()
+        self.settings = EngineSettings.from_properties(properties)
+        self.properties = properties
+        self.tokenizer = tokenizer
+        self.eos = eos
+        self.device = next(model.parameters()).device
+        model.set_attn_implementation(attention.register())
+        self.max_len = model_max_len(model.config, self.settings.max_model_len)
+        budget = self._budget_tokens(model, world_size)
+        self.cache = SlotCache(_agreed(plan_slots(self.settings.max_rows, self.max_len, budget), world_size,
+                                       self.device), self.max_len)
+        self.runner = ModelRunner(model, self.cache, self.device)
+        self.step(StepPlan(prefill=[Chunk(0, 0, [0, 0])], keep=[1]))  # warm-up: every layer allocates its K/V
+        log.info("rolling batch ready in %.1f s: %d rows of up to %d tokens, KV cache %.1f MiB on this rank, "
+                 "prefill budget %d tokens per step", time.monotonic() - started, self.cache.slots, self.max_len,
+                 self.cache.bytes / 2**20, self.settings.prefill_tokens)
+
+    def step(self, plan: StepPlan) -> torch.Tensor:
+        return self.runner.run(plan)
+
+    def _budget_tokens(self, model, world_size: int) -> int | None:
+        if self.settings.kv_cache_tokens is not None:
+            return self.settings.kv_cache_tokens
+        if self.device.type != "cuda":
+            return None  # on CPUs: max_rolling_batch_size rows of max_model_len tokens
+        free, total = torch.cuda.mem_get_info(self.device)
+        usable = total * self.settings.memory_utilization - (total - free) - ACTIVATION_RESERVE
+        return max(0, int(usable)) // bytes_per_token(model.config, world_size, next(model.parameters()).dtype)
+
+
+def model_max_len(config, configured: int | None) -> int:
+    """Tokens one sequence may hold: option.max_model_len, at most the model's context (and its sliding window,
+    which this engine does not apply)."""
+    text = getattr(config, "text_config", config)
+    limits = [getattr(text, "max_position_embeddings", None)]
+    if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
+        limits.append(text.sliding_window)
+    context = min((limit for limit in limits if limit), default=2048)
+    if configured is None:
+        return context
+    if configured > context:
+        log.warning("option.max_model_len=%d exceeds the model's %d tokens; using %d", configured, context, context)
+    return min(configured, context)
+
+
+def _agreed(slots: int, world_size: int, device: torch.device) -> int:
+    """Every rank must hold the same slots (rank 0's plans index them): the smallest count any rank can afford."""
+    if world_size > 1 and torch.distributed.is_initialized():
+        count = torch.tensor([slots], device=device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
+        return int(count.item())
+    return slots
+
+
+class EngineLoop:
+    """Rank 0's loop. `relay` (serving/rank/relay.py) owns the socket to the front end and the queues its reader
+    thread fills: `pending` requests, `cancelled` ids and `control` frames, all guarded by `relay.cond`."""
+
+    def __init__(self, engine: Engine, relay):
+        self.engine = engine
+        self.relay = relay
+        self.scheduler = Scheduler(engine.cache.slots, engine.settings.prefill_tokens)
+        self.requests: dict[int, Request] = {}
+        self.inbox: collections.deque[Request] = collections.deque()  # tokenised, not yet scheduled
+        self.in_intake: set[int] = set()
+        self.stopping = False
+        # the intake thread tokenises with its own copy: a fast tokenizer used from two threads at once can fail
+        self.intake_tokenizer = copy.deepcopy(engine.tokenizer)
+
+    def run(self) -> None:
+        """Until the front end sends a control frame (shutdown); the relay handles it."""
+        intake = threading.Thread(target=self._intake, name="intake", daemon=True)
+        intake.start()
+        try:
+            while self._gather():
+                try:
+                    self._step()
+                except Exception:  # noqa: BLE001 - a failed step fails its rows, never the loop
+                    log.exception("engine step failed; failing its requests")
+                    self._fail_all(500, "the engine failed while generating; see the server log")
+        finally:
+            with self.relay.cond:
+                self.stopping = True
+                self.relay.cond.notify_all()
+
+    # --- each step ------------------------------------------------------------------------------
+    def _gather(self) -> bool:
+        """Take new requests and cancels; wait while there is nothing to do. False once a control frame waits."""
+        relay = self.relay
+        with relay.cond:
+            while True:
+                if relay.control:
+                    return False
+                arrived = list(self.inbox)
+                self.inbox.clear()
+                cancelled = self._take_cancels()
+                if arrived or cancelled or self.scheduler.has_work():
+                    break
+                relay.busy_since = None
+                relay.cond.wait(IDLE_WAIT)
+        for request in arrived:
+            self.requests[request.id] = request
+            self.scheduler.add(request.rows)
+        for request in cancelled:
+            self._drop(request, "cancelled")
+            log.info("generation cancelled (client gone) after %d tokens",
+                     sum(len(row.sequence.ids) for row in request.rows))
+        now = time.monotonic()
+        for request in [r for r in self.requests.values() if r.deadline < now]:
+            self._drop(request, "cancelled")
+            self.relay.send_frames([{"kind": "error", "id": request.id, "code": 504, "message":
+                                     f"no answer within option.predict_timeout={self.engine.settings.predict_timeout:g} s"}])
+        return True
+
+    def _take_cancels(self) -> list[Request]:
+        """Requests the front end cancelled (called under relay.cond). Ids of requests no longer anywhere here
+        (answered already) are forgotten; ids still being tokenised wait for their request."""
+        found = []
+        for rid in list(self.relay.cancelled):
+            if rid in self.in_intake:
+                continue
+            self.relay.cancelled.discard(rid)
+            request = self.requests.get(rid) or next((r for r in self.inbox if r.id == rid), None)
+            if request is not None:
+                if request in self.inbox:
+                    self.inbox.remove(request)
+                found.append(request)
+        return found
+
+    def _step(self) -> None:
+        plan, kept = self.scheduler.schedule()
+        if not plan.n_tokens:
+            return
+        self.relay.busy_since = self.relay.busy_since or time.monotonic()
+        self.relay.comm.broadcast({"kind": "step", "plan": plan.pack()})
+        logits = self.engine.step(plan)
+        frames = self._consume(kept, logits)
+        self.relay.send_frames(frames)
+        self.relay.busy_since = time.monotonic()  # progress: the watchdog counts from the last step
+
+    def _consume(self, kept: list[Kept], logits: torch.Tensor) -> list[dict]:
+        """Sample the rows that produce a token this step; record prompt log-probabilities. Returns the frames to
+        send (chunks and answers)."""
+        frames: list[dict] = []
+        sampled = [i for i, k in enumerate(kept) if k.prompt_index is None and not k.row.done]
+        for i, k in enumerate(kept):
+            if k.prompt_index is not None:
+                row = k.row
+                row.prompt_log_probs.append(torch.log_softmax(logits[i], -1)[row.prompt_ids[k.prompt_index]].item())
+        rows = [kept[i].row for i in sampled]
+        draws = sample(logits[sampled], [SamplingRow(row.request.params, row.generator, row.history,
+                                                     len(row.sequence.ids), self.engine.eos) for row in rows])
+        for row, draw in zip(rows, draws):
+            self._advance(row, draw, frames)
+        return frames
+
+    def _advance(self, row: Row, draw: Draw, frames: list[dict]) -> None:
+        sequence, request = row.sequence, row.request
+        tokenizer = self.engine.tokenizer
+        if not sequence.ids and request.params.details and request.params.decoder_input_details:
+            sequence.prefill = prompt_details(tokenizer, row)
+        top = [Token(id=i, text=tokenizer.decode([i]), log_prob=lp) for i, lp in draw.top] if draw.top else None
+        text = sequence.add(draw.token, draw.log_prob, top)
+        reason = self._finish_reason(row, draw.token)
+        if reason is None:
+            row.next_token = draw.token
+        else:
+            text += sequence.close(reason)
+            self.scheduler.release(row)
+        if request.stream:
+            event = StreamToken(token=Token(id=draw.token, text=text, log_prob=draw.log_prob))
+            if reason is not None:
+                event.generated_text = sequence.result(request.params.return_full_text).generated_text
+                event.details = sequence.details()
+            frames.append(self.relay.chunk_frame(request.id, event.model_dump(exclude_none=True)))
+        if reason is not None and request.done:
+            frames.append(self._answer(request))
+
+    def _finish_reason(self, row: Row, token: int) -> str | None:
+        params, sequence = row.request.params, row.sequence
+        if token in self.engine.eos and len(sequence.ids) >= params.min_new_tokens:
+            return "eos_token"
+        if sequence.stop_matched():
+            return "stop_sequence"
+        if len(sequence.ids) >= params.max_new_tokens or row.cached >= self.engine.max_len:
+            return "length"
+        return None
+
+    def _answer(self, request: Request) -> dict:
+        del self.requests[request.id]
+        output = Output()
+        if not request.stream:
+            body = [row.sequence.result(request.params.return_full_text).model_dump(exclude_none=True)
+                    for row in request.rows]
+            output.add_as_json(body if request.as_list else body[0])
+        return {"kind": "response", "id": request.id, "output": output.for_item(0, 1)}
+
+    def _drop(self, request: Request, reason: str) -> None:
+        for row in request.rows:
+            if not row.done:
+                row.sequence.close(reason)
+            self.scheduler.release(row)
+        self.requests.pop(request.id, None)
+
+    def _fail_all(self, code: int, message: str) -> None:
+        frames = [{"kind": "error", "id": rid, "code": code, "message": message} for rid in self.requests]
+        for request in list(self.requests.values()):
+            self._drop(request, "cancelled")
+        self.relay.send_frames(frames)
+
+    # --- intake thread --------------------------------------------------------------------------
+    def _intake(self) -> None:
+        relay = self.relay
+        while True:
+            with relay.cond:
+                while not relay.pending and not self.stopping:
+                    relay.cond.wait()
+                if self.stopping:
+                    return
+                rid, frame = relay.pending.popitem(last=False)
+                self.in_intake.add(rid)
+            request = self._admit(rid, frame)
+            with relay.cond:
+                self.in_intake.discard(rid)
+                if request is not None:
+                    self.inbox.append(request)
+                relay.cond.notify_all()
+
+    def _admit(self, rid: int, frame: dict) -> Request | None:
+        """Parse and tokenise one request; a bad one is answered here (422) and never reaches a step."""
+        item = Input({**frame["input"]["properties"], **self.engine.properties}, frame["input"]["content"])
+        try:
+            body = parse_request(item)
+            prompts, ids = tokenize(self.intake_tokenizer, body, self.engine.max_len)
+        except (ValidationError, ValueError, RequestError) as exc:  # UnicodeDecodeError is a ValueError
+            message = str(exc)
+            self.relay.send_frames([{"kind": "response", "id": rid,
+                                     "output": Output().error(message, code=422, message=message).for_item(0, 1)}])
+            return None
+        params = body.parameters
+        as_list = isinstance(body.inputs, list)
+        request = Request(rid, params, stream=wants_stream(item, body) and not as_list, as_list=as_list,
+                          deadline=time.monotonic() + self.engine.settings.predict_timeout)
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        for index, (prompt, prompt_ids) in enumerate(zip(prompts, ids)):
+            generator = None
+            if params.do_sample and params.temperature > 0:
+                generator = torch.Generator(device=self.engine.device).manual_seed(seed + index)
+            request.rows.append(Row(request, prompt_ids, Sequence(self.engine.tokenizer, prompt, len(prompt_ids),
+                                                                  params), generator))
+        return request
+
+
+def prompt_details(tokenizer, row: Row) -> list[Token]:
+    """The prompt's tokens with the log-probability of each given the ones before it (the first has none)."""
+    ids = row.prompt_ids
+    return [Token(id=ids[0], text=tokenizer.decode([ids[0]]), log_prob=float("nan"))] + [
+        Token(id=t, text=tokenizer.decode([t]), log_prob=lp) for t, lp in zip(ids[1:], row.prompt_log_probs)]

@@ -1,0 +1,101 @@
+"""Each row's next token, drawn with that row's own parameters and generator (rank 0 only).
+
+Greedy and sampled rows share one batch. Per row: repetition penalty over its prompt and output, the end of
+sequence held back until min_new_tokens, then temperature, top-k and top-p, then a draw from the row's own
+torch.Generator, so a seeded request gives the same text alone or in a busy batch. The log-probability reported
+for a token is taken under the distribution it was drawn from (after the warpers), as TGI reports it.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from serving.schemas import GenerationParameters
+
+
+@dataclass
+class Draw:
+    token: int
+    log_prob: float
+    top: list[tuple[int, float]] | None  # the top_n_tokens most likely (id, log-probability), when asked
+
+
+@dataclass
+class SamplingRow:
+    """What sampling needs to know about one row."""
+
+    params: GenerationParameters
+    generator: torch.Generator | None
+    history: list[int]  # prompt and output so far, for the repetition penalty
+    generated: int  # tokens generated so far, for min_new_tokens
+    eos: set[int]
+
+    @property
+    def greedy(self) -> bool:
+        return not (self.params.do_sample and self.params.temperature > 0)
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Draw]:
+    """logits: [len(rows), vocab], float32, one row per SamplingRow."""
+    if not rows:
+        return []
+    scores = logits.clone()
+    for index, row in enumerate(rows):
+        _penalise(scores, index, row)
+    greedy = [row.greedy for row in rows]
+    if not all(greedy):
+        scores = _warp(scores, rows, greedy)
+    log_probs = torch.log_softmax(scores, dim=-1)
+    tokens = torch.argmax(scores, dim=-1)
+    sampled = [i for i, g in enumerate(greedy) if not g]
+    if sampled:
+        probs = log_probs[sampled].exp()
+        for at, i in enumerate(sampled):
+            tokens[i] = torch.multinomial(probs[at], 1, generator=rows[i].generator)[0]
+    token_list = tokens.tolist()
+    chosen = log_probs.gather(1, tokens[:, None])[:, 0].tolist()
+    tops: list[list[tuple[int, float]] | None] = [None] * len(rows)
+    widest = max(row.params.top_n_tokens for row in rows)
+    if widest:
+        values, ids = torch.topk(log_probs, widest, dim=-1)
+        values, ids = values.tolist(), ids.tolist()
+        for i, row in enumerate(rows):
+            n = row.params.top_n_tokens
+            if n:
+                tops[i] = list(zip(ids[i][:n], values[i][:n]))
+    return [Draw(t, lp, top) for t, lp, top in zip(token_list, chosen, tops)]
+
+
+def _penalise(scores: torch.Tensor, index: int, row: SamplingRow) -> None:
+    params = row.params
+    if params.repetition_penalty != 1.0 and row.history:
+        # the CTRL penalty, as transformers applies it: divide positive scores, multiply negative ones
+        ids = torch.tensor(sorted(set(row.history)), device=scores.device)
+        seen = scores[index, ids]
+        scores[index, ids] = torch.where(seen < 0, seen * params.repetition_penalty, seen / params.repetition_penalty)
+    if row.generated < params.min_new_tokens and row.eos:
+        scores[index, list(row.eos)] = float("-inf")
+
+
+def _warp(scores: torch.Tensor, rows: list[SamplingRow], greedy: list[bool]) -> torch.Tensor:
+    """Temperature, top-k and top-p for the sampled rows, vectorised; greedy rows pass through unchanged."""
+    temperature = torch.tensor([1.0 if g else row.params.temperature for row, g in zip(rows, greedy)],
+                               device=scores.device, dtype=scores.dtype)
+    scores = scores / temperature[:, None]
+    top_k = [0 if g else row.params.top_k for row, g in zip(rows, greedy)]
+    if any(top_k):
+        widest = min(max(top_k), scores.shape[-1])
+        kth = torch.topk(scores, widest, dim=-1).values
+        k = torch.tensor([min(k or widest, widest) - 1 for k in top_k], device=scores.device)
+        threshold = kth.gather(1, k[:, None])
+        limited = torch.tensor([bool(k) for k in top_k], device=scores.device)[:, None]
+        scores = torch.where(limited & (scores < threshold), float("-inf"), scores)
+    top_p = [1.0 if g else row.params.top_p for row, g in zip(rows, greedy)]
+    if any(p < 1.0 for p in top_p):
+        # keep the smallest set of most likely tokens whose probability reaches top_p (at least one)
+        ordered, order = torch.sort(scores, dim=-1, descending=True)
+        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+        p = torch.tensor(top_p, device=scores.device, dtype=scores.dtype)[:, None]
+        drop_sorted = (cumulative - ordered.softmax(dim=-1)) >= p
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores

@@ -1,0 +1,153 @@
+"""The rolling-batch engine on one rank, in this process: real model, real Relay and EngineLoop (harness.py).
+What a row generates must not depend on what else is in the batch."""
+import time
+
+import pytest
+import torch
+
+from serving.engine.attention import NAME as SLOT_ATTENTION
+from tests.engine.harness import EngineHarness, greedy, loaded, token_ids
+
+WORK = [("The capital of France is", 12), ("Once upon a time, in a land far away, there lived a", 20),
+        ("Hi", 5), ("1, 2, 3, 4, 5, 6, 7, 8", 16), ("Water boils at", 9)]
+
+
+@pytest.fixture(params=["tiny_llama", "demo_model"])
+def model_path(request) -> str:
+    return str(request.getfixturevalue(request.param))
+
+
+@pytest.fixture
+def harness():
+    made = []
+
+    def make(model_dir, **properties) -> EngineHarness:
+        made.append(EngineHarness(str(model_dir), **properties))
+        return made[-1]
+
+    yield make
+    for h in made:
+        h.close()
+
+
+def tokens_of(h: EngineHarness, rid: int) -> list[int]:
+    frames = h.wait(rid)
+    if frames[0]["kind"] == "chunk":
+        return [event["token"]["id"] for event in h.stream(rid)]
+    return token_ids(h.answer(rid))
+
+
+def test_concurrent_greedy_rows_equal_each_row_alone(harness, model_path):
+    h = harness(model_path, max_rolling_batch_size=4)  # five requests, four rows: one waits for a slot
+    alone = [token_ids(h.answer(h.submit({"inputs": p, "parameters": greedy(n)}))) for p, n in WORK]
+    first = h.submit({"inputs": WORK[0][0], "parameters": greedy(WORK[0][1]), "stream": True})
+    h.wait_first(first)  # the others arrive while it decodes, at different moments
+    rids = [first]
+    for prompt, n in WORK[1:]:
+        rids.append(h.submit({"inputs": prompt, "parameters": greedy(n)}))
+        time.sleep(0.02)
+    assert [tokens_of(h, rid) for rid in rids] == alone
+
+
+def test_a_list_of_inputs_becomes_rows_of_one_batch(harness, tiny_llama):
+    h = harness(tiny_llama)
+    prompts = [p for p, _ in WORK[:3]]
+    alone = [h.answer(h.submit({"inputs": p, "parameters": {"max_new_tokens": 6}}))["generated_text"] for p in prompts]
+    together = h.answer(h.submit({"inputs": prompts, "parameters": {"max_new_tokens": 6}}))
+    assert [g["generated_text"] for g in together] == alone
+
+
+def test_seeded_sample_is_the_same_alone_and_in_a_busy_batch(harness, demo_model):
+    h = harness(demo_model)
+    sampled = {"inputs": "Write a word:", "parameters": {"do_sample": True, "temperature": 0.9, "top_k": 40,
+                                                         "top_p": 0.9, "seed": 7, "max_new_tokens": 16}}
+    alone = h.answer(h.submit(sampled))["generated_text"]
+    others = [h.submit({"inputs": p, "parameters": greedy(n)}) for p, n in WORK[:3]]
+    other_sampled = h.submit({**sampled, "parameters": {**sampled["parameters"], "seed": 8}})
+    busy = h.submit(sampled)
+    assert h.answer(busy)["generated_text"] == alone
+    assert h.answer(other_sampled)["generated_text"] != alone
+    for rid in others:
+        h.answer(rid)
+
+
+def test_a_late_request_streams_before_the_running_one_finishes(harness, demo_model):
+    h = harness(demo_model)
+    long = h.submit({"inputs": "Count with me:", "parameters": {"max_new_tokens": 60, "min_new_tokens": 60},
+                     "stream": True})
+    h.wait_first(long)
+    short = h.submit({"inputs": "Hello", "parameters": {"max_new_tokens": 3}, "stream": True})
+    h.wait(short)
+    h.wait(long)
+    assert h.order.index((short, "chunk")) < h.order.index((long, "response"))
+    assert len(h.stream(long)) == 60
+
+
+def test_a_cancelled_request_frees_its_slot_for_the_next(harness, demo_model):
+    h = harness(demo_model, max_rolling_batch_size=1)
+    running = h.submit({"inputs": "Tell me a story.", "parameters": {"max_new_tokens": 400, "min_new_tokens": 400},
+                        "stream": True})
+    h.wait_first(running)
+    queued = h.submit({"inputs": "Hello", "parameters": {"max_new_tokens": 4}})
+    h.cancel(running)
+    assert h.answer(queued, timeout=60)["generated_text"]
+    assert all(frame["kind"] == "chunk" for frame in h.frames[running])  # no answer for a client that left
+    assert len(h.frames[running]) < 400
+    assert h.loop.scheduler.free == [0]
+
+
+def test_an_expired_deadline_is_504_and_frees_the_slot(harness, demo_model):
+    h = harness(demo_model, max_rolling_batch_size=1, predict_timeout=2)
+    slow = h.submit({"inputs": "Tell me a story.", "parameters": {"max_new_tokens": 1000, "min_new_tokens": 1000}})
+    code, message = h.answer(slow, timeout=60)
+    assert code == 504 and "predict_timeout" in message
+    assert h.answer(h.submit({"inputs": "Hello", "parameters": {"max_new_tokens": 3}}))["generated_text"]
+
+
+def test_a_tiny_kv_budget_queues_requests_and_completes_them_all(harness, tiny_llama):
+    h = harness(tiny_llama, max_model_len=64, max_kv_cache_tokens=128)
+    assert h.engine.cache.slots == 2
+    rids = [h.submit({"inputs": f"Request number {i} says", "parameters": greedy(20, min_new_tokens=20)})
+            for i in range(7)]
+    answers = [h.answer(rid) for rid in rids]
+    assert [a["details"]["generated_tokens"] for a in answers] == [20] * 7
+
+
+def test_a_bad_request_in_a_busy_batch_gets_its_own_422(harness, demo_model):
+    h = harness(demo_model, max_model_len=256)
+    running = h.submit({"inputs": "Count with me:", "parameters": {"max_new_tokens": 30, "min_new_tokens": 30},
+                        "stream": True})
+    h.wait_first(running)
+    too_long = h.answer(h.submit({"inputs": "Hello", "parameters": {"max_new_tokens": 300}}))
+    assert too_long[0] == 422 and "max_new_tokens" in too_long[1]["message"]
+    unknown = h.answer(h.submit({"inputs": "Hello", "parameters": {"max_new_token": 3}}))
+    assert unknown[0] == 422 and "max_new_token" in unknown[1]["message"]
+    assert h.answer(h.submit(""))[0] == 422
+    assert len(h.stream(running)) == 30
+
+
+def test_chunked_prefill_generates_what_one_piece_does(harness, demo_model):
+    prompt = "In a hole in the ground there lived a hobbit. Not a nasty, dirty, wet hole, filled with the ends " \
+             "of worms and an oozy smell, nor yet a dry, bare, sandy hole"
+    whole = harness(demo_model)
+    chunked = harness(demo_model, max_rolling_batch_prefill_tokens=7)
+    body = {"inputs": prompt, "parameters": greedy(10)}
+    assert token_ids(chunked.answer(chunked.submit(body))) == token_ids(whole.answer(whole.submit(body)))
+
+
+def test_prompt_log_probs_match_a_plain_forward(harness, demo_model):
+    h = harness(demo_model, max_rolling_batch_prefill_tokens=4)  # across chunks too
+    prompt = "The capital of France is Paris, and the capital of Italy is"
+    body = h.answer(h.submit({"inputs": prompt, "parameters": greedy(2, decoder_input_details=True)}))
+    model, tokenizer = loaded(str(demo_model))
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    model.config._attn_implementation = "sdpa"  # a plain forward: no slots
+    try:
+        with torch.inference_mode():
+            log_probs = torch.log_softmax(model(ids).logits[0].float(), -1)
+    finally:
+        model.config._attn_implementation = SLOT_ATTENTION
+    expected = [log_probs[i, t].item() for i, t in enumerate(ids[0, 1:].tolist())]
+    prefill = body["details"]["prefill"]
+    assert [t["id"] for t in prefill] == ids[0].tolist()
+    assert [t["log_prob"] for t in prefill[1:]] == pytest.approx(expected, abs=1e-4)

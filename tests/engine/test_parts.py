@@ -1,0 +1,107 @@
+"""The engine's parts without a model: the plan's wire form, the scheduler's budgets, sampling's warpers."""
+import torch
+
+from serving.engine.detokenize import Sequence
+from serving.engine.plan import Chunk, StepPlan
+from serving.engine.request import Request, Row
+from serving.engine.sampling import SamplingRow, sample
+from serving.engine.scheduler import Scheduler
+from serving.schemas import GenerationParameters
+
+
+def test_a_plan_survives_its_wire_form():
+    plan = StepPlan([3, 0], [11, 12], [40, 7], [Chunk(1, 0, [5, 6, 7]), Chunk(2, 16, [9])], [0, 1, 4, 5])
+    data = plan.pack()
+    assert StepPlan.unpack(data) == plan
+    assert len(data) == 4 * (3 + 2 * 3 + 2 * 3 + 4 + 4)
+    assert plan.n_tokens == 6
+
+
+def rows(*lengths: int, **params) -> list[Row]:
+    request = Request(1, GenerationParameters(**params), stream=False, as_list=False, deadline=1e18)
+    made = [Row(request, list(range(1, n + 1)), Sequence(None, "", n, request.params), None) for n in lengths]
+    request.rows = made
+    return made
+
+
+def test_prefill_is_chunked_under_the_token_budget_and_decode_rows_go_first():
+    scheduler = Scheduler(slots=4, prefill_tokens=8)
+    long, short = rows(12, 3)
+    scheduler.add([long, short])
+    plan, kept = scheduler.schedule()
+    assert [(c.slot, c.start, len(c.tokens)) for c in plan.prefill] == [(0, 0, 8)]  # short waits: budget spent
+    assert kept == [] and short.slot is None
+    plan, kept = scheduler.schedule()
+    assert [(c.slot, c.start, len(c.tokens)) for c in plan.prefill] == [(0, 8, 4), (1, 0, 3)]
+    assert [k.row for k in kept] == [long, short] and plan.keep == [3, 6]
+    long.next_token, short.next_token = 100, 200
+    plan, kept = scheduler.schedule()
+    assert (plan.decode_slots, plan.decode_tokens, plan.decode_positions) == ([0, 1], [100, 200], [12, 3])
+    assert plan.keep == [0, 1] and not plan.prefill
+
+
+def test_rows_wait_for_a_free_slot_and_take_the_lowest():
+    scheduler = Scheduler(slots=2, prefill_tokens=100)
+    a, b, c = rows(2, 2, 2)
+    scheduler.add([a, b, c])
+    scheduler.schedule()
+    assert (a.slot, b.slot, c.slot) == (0, 1, None)
+    scheduler.release(a)
+    scheduler.schedule()
+    assert c.slot == 0 and scheduler.used_slots == 2
+
+
+def test_prompt_log_probabilities_keep_every_prompt_position():
+    scheduler = Scheduler(slots=1, prefill_tokens=100)
+    (row,) = rows(4, details=True, decoder_input_details=True)
+    scheduler.add([row])
+    plan, kept = scheduler.schedule()
+    assert plan.keep == [0, 1, 2, 3]
+    assert [k.prompt_index for k in kept] == [1, 2, 3, None]
+
+
+def sampling_row(**params) -> SamplingRow:
+    generator = torch.Generator().manual_seed(params.pop("seed", 0))
+    return SamplingRow(GenerationParameters(**params), generator, history=[], generated=0, eos={0})
+
+
+def test_greedy_rows_take_the_argmax_and_report_its_log_probability():
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]])
+    draws = sample(logits, [sampling_row(), sampling_row(top_n_tokens=2)])
+    assert [d.token for d in draws] == [1, 0]
+    assert abs(draws[0].log_prob - torch.log_softmax(logits[0], -1)[1].item()) < 1e-6
+    assert [t for t, _ in draws[1].top] == [0, 2]
+
+
+def test_top_k_and_top_p_only_draw_from_the_allowed_tokens():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]] * 3)
+    top_k = sampling_row(do_sample=True, top_k=2)
+    top_p = sampling_row(do_sample=True, top_p=0.5)
+    plain = sampling_row(do_sample=True)
+    seen = [set(), set(), set()]
+    for _ in range(200):
+        for i, draw in enumerate(sample(logits, [top_k, top_p, plain])):
+            seen[i].add(draw.token)
+    assert seen[0] == {0, 1}
+    assert seen[1] == {0}  # token 0 alone holds 64% of the mass
+    assert len(seen[2]) >= 4
+
+
+def test_a_seeded_row_draws_the_same_whatever_its_neighbours():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    logits[1] = logits[0]  # the row's own logits, at another place in a batch with greedy and sampled rows
+
+    def draws(batch: list[SamplingRow], index: int) -> list[int]:
+        return [sample(logits[:len(batch)], batch)[index].token for _ in range(10)]
+
+    alone = draws([sampling_row(do_sample=True, seed=5)], 0)
+    assert len(set(alone)) > 1  # it really samples
+    assert draws([sampling_row(do_sample=True, seed=9), sampling_row(do_sample=True, seed=5), sampling_row()], 1) == alone
+
+
+def test_repetition_penalty_and_min_new_tokens():
+    logits = torch.tensor([[5.0, 4.0, 1.0]])
+    penalised = SamplingRow(GenerationParameters(repetition_penalty=2.0), None, history=[1, 0], generated=0, eos=set())
+    assert sample(logits, [penalised])[0].token == 0  # 2.5 vs 2.0
+    held = SamplingRow(GenerationParameters(min_new_tokens=2), None, history=[], generated=1, eos={0})
+    assert sample(logits, [held])[0].token == 1
