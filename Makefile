@@ -39,5 +39,11 @@ serve: install demo
 test: install demo
 	$(PY) -m pytest -v --durations=15 tests
 
+# The serving benchmark on this machine: the demo at TP=2 through HTTP, 8 requests one at a time and all at once,
+# beside the in-process transformers baselines. On a GPU machine, see bench/device_run.sh.
+BENCH_ARGS ?= --tp 2 --concurrency 1 --concurrency 8 --requests 8 --prompt-len 16:64 --output-len 64 --dtype fp32 --baselines
+bench: install demo
+	$(PY) -m bench.serve --model-dir model_store/smollm2/model $(BENCH_ARGS) --out bench/results/cpu.json
+
 clean:
 	rm -rf $(VENV) model_store/*/model .pytest_cache

@@ -77,7 +77,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos = eos
         self.device = next(model.parameters()).device
-        model.set_attn_implementation(attention.register())
+        use_slot_attention(model)
         self.max_len = model_max_len(model.config, self.settings.max_model_len)
         budget = self._budget_tokens(model, world_size)
         self.cache = SlotCache(_agreed(plan_slots(self.settings.max_rows, self.max_len, budget), world_size,
@@ -99,6 +99,14 @@ class Engine:
         free, total = torch.cuda.mem_get_info(self.device)
         usable = total * self.settings.memory_utilization - (total - free) - ACTIVATION_RESERVE
         return max(0, int(usable)) // bytes_per_token(model.config, world_size, next(model.parameters()).dtype)
+
+
+def use_slot_attention(model) -> None:
+    name = attention.register()
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, AttributeError):  # a transformers release that checks names against its own list
+        model.config._attn_implementation = name
 
 
 def model_max_len(config, configured: int | None) -> int:

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The serving benchmark on a lent GPU machine (no network): install the carried wheels, build the random
+# Llama-2-7B-shaped model once, then run bench.serve. Usage, from the repository root on that machine:
+#   bash bench/device_run.sh OUT_DIR [bench.serve arguments...]
+# Needs .whl (../shared/tools/gpu-wheels.sh .whl) and .gpu/tokenizer (SmolLM2's tokenizer files) carried along.
+set -euo pipefail
+out=${1:?usage: device_run.sh OUT_DIR [args]}; shift
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+model=/tmp/tpserve-gpu/llama7b
+if [ ! -f $model/config.json ]; then
+  python3 -c "from pathlib import Path; from bench.gpu_tp import build_model; build_model(Path('$model'), Path('.gpu/tokenizer'))"
+fi
+python3 -m bench.serve --model-dir $model "$@" 2>&1 | tee $out/serve.log

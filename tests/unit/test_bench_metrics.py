@@ -1,0 +1,47 @@
+"""The serving benchmark's arithmetic (bench/metrics.py)."""
+import math
+
+import pytest
+
+from bench.metrics import Hardware, Shape, Timing, floor_tpot, percentile, roofline_tokens_per_s, summarize
+
+
+def test_percentiles_interpolate_between_ranks():
+    assert percentile([4, 1, 3, 2], 50) == 2.5
+    assert percentile([1, 2, 3, 4, 5], 90) == pytest.approx(4.6)
+    assert percentile([7], 99) == 7
+    assert math.isnan(percentile([], 50))
+
+
+def test_a_streamed_request_gives_ttft_tpot_itl_and_e2e():
+    timing = Timing(sent=10.0, arrivals=[10.5, 10.6, 10.8, 11.1])
+    assert timing.ttft == pytest.approx(0.5)
+    assert timing.tpot == pytest.approx(0.2)
+    assert timing.gaps == pytest.approx([0.1, 0.2, 0.3])
+    assert timing.e2e == pytest.approx(1.1)
+    assert Timing(sent=0, arrivals=[1.0]).tpot is None
+
+
+def test_summary_counts_tokens_over_the_duration_and_leaves_errors_out():
+    ok = [Timing(0.0, [1.0, 2.0]), Timing(0.0, [2.0, 3.0, 4.0])]
+    failed = Timing(0.0, error="503")
+    row = summarize(ok + [failed], duration=5.0)
+    assert (row["requests"], row["errors"], row["output_tokens"]) == (3, 1, 5)
+    assert row["output_tokens_per_s"] == 1.0 and row["requests_per_s"] == 0.4
+    assert row["ttft_p50_ms"] == 1500.0 and row["tpot_p50_ms"] == 1000.0 and row["e2e_p99_ms"] == pytest.approx(3980)
+
+
+def test_roofline_counts_weights_per_step_kv_per_row_and_prompt_flops():
+    shape = Shape(weight_bytes=1000, params=500, kv_bytes_per_token=10)
+    hw = Hardware(bandwidth=1000.0, flops=1e6)
+    # 2 prompts of 4 tokens, 3 output tokens, both in one wave: 3 steps x 1000 bytes of weights;
+    # KV read: per row 3*4 + 3*2/2 = 15 tokens, x2 rows x 10 bytes = 300 bytes; prefill 2*500*8 = 8000 FLOPs
+    expected_s = (3 * 1000 + 300) / 1000 + 8000 / 1e6
+    assert roofline_tokens_per_s(shape, hw, [4, 4], 3, concurrency=2) == pytest.approx(6 / expected_s)
+    # one at a time: two waves, twice the weight reads
+    expected_s = (6 * 1000 + 300) / 1000 + 8000 / 1e6
+    assert roofline_tokens_per_s(shape, hw, [4, 4], 3, concurrency=1) == pytest.approx(6 / expected_s)
+    # two cards share the bytes and the FLOPs
+    assert roofline_tokens_per_s(shape, hw, [4, 4], 3, 2, tp=2) == pytest.approx(
+        2 * roofline_tokens_per_s(shape, hw, [4, 4], 3, 2))
+    assert floor_tpot(shape, hw) == 1.0 and floor_tpot(shape, hw, tp=2) == 0.5
