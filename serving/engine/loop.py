@@ -31,7 +31,7 @@ from serving.engine.sampling import Draw, SamplingRow, sample
 from serving.engine.scheduler import Kept, Scheduler
 from serving.rank.inputs import Input
 from serving.rank.outputs import Output
-from serving.schemas import StreamToken, Token
+from serving.schemas import Token
 
 log = logging.getLogger("tpserve.engine")
 IDLE_WAIT = 0.5  # seconds the idle loop sleeps between looks at deadlines
@@ -229,7 +229,7 @@ class EngineLoop:
                 row = k.row
                 row.prompt_log_probs.append(torch.log_softmax(logits[i], -1)[row.prompt_ids[k.prompt_index]].item())
         rows = [kept[i].row for i in sampled]
-        draws = sample(logits[sampled], [SamplingRow(row.request.params, row.generator, row.history,
+        draws = sample(logits[sampled], [SamplingRow(row.request.params, row.generator, lambda row=row: row.history,
                                                      len(row.sequence.ids), self.engine.eos) for row in rows])
         for row, draw in zip(rows, draws):
             self._advance(row, draw, frames)

@@ -6,6 +6,7 @@ torch.Generator, so a seeded request gives the same text alone or in a busy batc
 for a token is taken under the distribution it was drawn from (after the warpers), as TGI reports it.
 """
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -25,7 +26,7 @@ class SamplingRow:
 
     params: GenerationParameters
     generator: torch.Generator | None
-    history: list[int]  # prompt and output so far, for the repetition penalty
+    history: Callable[[], list[int]]  # prompt and output so far, for the repetition penalty (asked only then)
     generated: int  # tokens generated so far, for min_new_tokens
     eos: set[int]
 
@@ -40,7 +41,9 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Draw]:
         return []
     scores = logits.clone()
     for index, row in enumerate(rows):
-        _penalise(scores, index, row)
+        if row.params.repetition_penalty != 1.0:
+            _penalise(scores, index, row)
+    _hold_back_eos(scores, rows)
     greedy = [row.greedy for row in rows]
     if not all(greedy):
         scores = _warp(scores, rows, greedy)
@@ -66,14 +69,22 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Draw]:
 
 
 def _penalise(scores: torch.Tensor, index: int, row: SamplingRow) -> None:
-    params = row.params
-    if params.repetition_penalty != 1.0 and row.history:
-        # the CTRL penalty, as transformers applies it: divide positive scores, multiply negative ones
-        ids = torch.tensor(sorted(set(row.history)), device=scores.device)
+    """The CTRL penalty, as transformers applies it: divide positive scores of seen tokens, multiply negative."""
+    history = row.history()
+    if history:
+        ids = torch.tensor(sorted(set(history)), device=scores.device)
         seen = scores[index, ids]
-        scores[index, ids] = torch.where(seen < 0, seen * params.repetition_penalty, seen / params.repetition_penalty)
-    if row.generated < params.min_new_tokens and row.eos:
-        scores[index, list(row.eos)] = float("-inf")
+        penalty = row.params.repetition_penalty
+        scores[index, ids] = torch.where(seen < 0, seen * penalty, seen / penalty)
+
+
+def _hold_back_eos(scores: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """No end of sequence before min_new_tokens: one masked write for every row that needs it."""
+    held = [i for i, row in enumerate(rows) if row.generated < row.params.min_new_tokens]
+    eos = sorted({token for i in held for token in rows[i].eos})
+    if held and eos:
+        device = scores.device
+        scores[torch.tensor(held, device=device)[:, None], torch.tensor(eos, device=device)[None, :]] = float("-inf")
 
 
 def _warp(scores: torch.Tensor, rows: list[SamplingRow], greedy: list[bool]) -> torch.Tensor:

@@ -62,7 +62,7 @@ def test_prompt_log_probabilities_keep_every_prompt_position():
 
 def sampling_row(**params) -> SamplingRow:
     generator = torch.Generator().manual_seed(params.pop("seed", 0))
-    return SamplingRow(GenerationParameters(**params), generator, history=[], generated=0, eos={0})
+    return SamplingRow(GenerationParameters(**params), generator, history=list, generated=0, eos={0})
 
 
 def test_greedy_rows_take_the_argmax_and_report_its_log_probability():
@@ -101,7 +101,17 @@ def test_a_seeded_row_draws_the_same_whatever_its_neighbours():
 
 def test_repetition_penalty_and_min_new_tokens():
     logits = torch.tensor([[5.0, 4.0, 1.0]])
-    penalised = SamplingRow(GenerationParameters(repetition_penalty=2.0), None, history=[1, 0], generated=0, eos=set())
+    penalised = SamplingRow(GenerationParameters(repetition_penalty=2.0), None, history=lambda: [1, 0], generated=0, eos=set())
     assert sample(logits, [penalised])[0].token == 0  # 2.5 vs 2.0
-    held = SamplingRow(GenerationParameters(min_new_tokens=2), None, history=[], generated=1, eos={0})
+    held = SamplingRow(GenerationParameters(min_new_tokens=2), None, history=list, generated=1, eos={0})
     assert sample(logits, [held])[0].token == 1
+
+
+def test_the_fast_decoder_decodes_as_the_tokenizer_does(demo_model):
+    from handlers.loading import load_tokenizer
+    from serving.engine.detokenize import decoder
+
+    tokenizer = load_tokenizer(str(demo_model))
+    ids = tokenizer("Ünïcode, émojis 🎉 and <|im_start|> special tokens")["input_ids"] + [0, 1, 2]
+    for end in range(1, len(ids) + 1):
+        assert decoder(tokenizer)(ids[:end]) == tokenizer.decode(ids[:end], skip_special_tokens=True)
