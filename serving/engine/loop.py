@@ -249,11 +249,12 @@ class EngineLoop:
             text += sequence.close(reason)
             self.scheduler.release(row)
         if request.stream:
-            event = StreamToken(token=Token(id=draw.token, text=text, log_prob=draw.log_prob))
+            # a plain dict per token: a pydantic StreamToken costs as much as the forward's share of a row
+            event = {"token": {"id": draw.token, "text": text, "log_prob": draw.log_prob}}
             if reason is not None:
-                event.generated_text = sequence.result(request.params.return_full_text).generated_text
-                event.details = sequence.details()
-            frames.append(self.relay.chunk_frame(request.id, event.model_dump(exclude_none=True)))
+                event["generated_text"] = sequence.result(request.params.return_full_text).generated_text
+                event["details"] = sequence.details().model_dump(exclude_none=True)
+            frames.append(self.relay.chunk_frame(request.id, event))
         if reason is not None and request.done:
             frames.append(self._answer(request))
 
