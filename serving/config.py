@@ -67,6 +67,14 @@ class ModelConfig(BaseModel):
     """Seconds from launching the ranks to the model being ready on all of them."""
     predict_timeout: int = Field(120, gt=0, alias="option.predict_timeout")
     """Seconds one request may take; a group busy far longer than this is treated as hung and restarted."""
+    hang_timeout: int | None = Field(None, gt=0, alias="option.hang_timeout")
+    """Seconds a group that has work may go without progress (a decode step, a streamed chunk, a finished
+    unit) before it is declared hung and restarted. Default: predict_timeout + 30."""
+    heartbeat_timeout: int = Field(20, gt=0, alias="option.heartbeat_timeout")
+    """Seconds without a beat from any one rank (or without rank 0 answering a heartbeat) that fail the group:
+    a stopped or frozen rank. Keep it well above the longest pause a rank can take holding the GIL."""
+    retry_threshold: int = Field(10, ge=0)
+    """Consecutive failed restarts after which the model stays FAILED (DJL's key); 0 never restarts."""
     batch_size: int = Field(1, ge=1)
     """Most requests rank 0 hands to the handler at once (DJL dynamic batching: Input.get_batches())."""
     max_batch_delay: int = Field(100, ge=0)
@@ -95,6 +103,11 @@ class ModelConfig(BaseModel):
         if self.tensor_parallel_degree == "max":
             return visible_accelerators() or os.cpu_count() or 1
         return self.tensor_parallel_degree
+
+    @property
+    def stall_limit(self) -> int:
+        """Seconds without progress, while the group has work, after which it counts as hung."""
+        return self.hang_timeout or self.predict_timeout + 30
 
     @property
     def uses_mpi(self) -> bool:
