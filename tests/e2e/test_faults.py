@@ -97,7 +97,7 @@ def serving_again(server: Server, model: str, body: str = "again") -> bool:
 def fault_server(tmp_path_factory):
     store = tmp_path_factory.mktemp("fault-store")
     model_dir(store, "echo", ECHO)
-    model_dir(store, "stall", {"engine": "Python", "option.predict_timeout": "2", "option.hang_timeout": "4"},
+    model_dir(store, "stall", {"engine": "Python", "option.predict_timeout": "2", "option.hang_timeout": "5"},
               handler=FIXTURES / "stall.py")
     model_dir(store, "crashy", {"engine": "Python", "retry_threshold": "1"}, handler=FIXTURES / "stall.py")
     srv = Server(["--model-store", str(store), "--idle-timeout", "2"], tmp_path_factory.mktemp("logs") / "fault.log")
