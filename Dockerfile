@@ -17,6 +17,8 @@ COPY djl_python djl_python
 RUN pip install --no-cache-dir .
 
 EXPOSE 8080
+# Listening on 0.0.0.0: set TPSERVE_API_KEY (docker run -e TPSERVE_API_KEY=...) so every route but /ping and
+# /health/* needs "Authorization: Bearer <key>"; without it the server logs a warning at start.
 # DeepSpeed's shared-memory buffers need more than Docker's 64 MB /dev/shm: run with --shm-size=2g (or more).
 ENTRYPOINT ["tpserve", "--host", "0.0.0.0", "--port", "8080"]
 CMD ["-m", "/opt/ml/model"]

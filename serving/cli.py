@@ -6,12 +6,14 @@
 """
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from aiohttp import web
 
-from serving.app import make_app
+from serving.api.auth import ENV as API_KEY_ENV, check_exposure
+from serving.app import ServerSettings, make_app
 from serving.config import PROPERTIES_FILE, ConfigError, ModelConfig, load_model_config
 
 log = logging.getLogger("tpserve")
@@ -29,8 +31,14 @@ def main(argv: list[str] | None = None) -> None:
     for config in configs:
         log.info("model %s: engine=%s tensor_parallel_degree=%s model_id=%s entryPoint=%s", config.name,
                  config.engine, config.world_size, config.model_id or config.model_dir, config.entry_point_module())
+    settings = ServerSettings(api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                              max_request_size=args.max_request_size, idle_timeout=args.idle_timeout,
+                              read_timeout=args.read_timeout)
+    check_exposure(args.host, settings.api_key)
     # access_log=None: one log line per request is a cost on the hot path; metrics cover traffic.
-    web.run_app(make_app(configs), host=args.host, port=args.port, access_log=None, handler_cancellation=True,
+    # keepalive_timeout also closes a connection that never completes its request head (half-open, slowloris).
+    web.run_app(make_app(configs, settings), host=args.host, port=args.port, access_log=None,
+                handler_cancellation=True, keepalive_timeout=settings.idle_timeout,
                 print=lambda message: log.info("%s", message.strip()))
 
 
@@ -42,6 +50,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="serve this model directory (repeatable)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     parser.add_argument("--port", type=int, default=8080)
+    defaults = ServerSettings()
+    parser.add_argument("--api-key", default=None,
+                        help=f"require 'Authorization: Bearer KEY' on every route but /ping and /health/* "
+                             f"(prefer the {API_KEY_ENV} variable: arguments show in ps)")
+    parser.add_argument("--max-request-size", type=int, metavar="BYTES",
+                        default=int(os.environ.get("TPSERVE_MAX_REQUEST_SIZE", defaults.max_request_size)),
+                        help="largest request body; larger gets 413 (default %(default)s; TPSERVE_MAX_REQUEST_SIZE)")
+    parser.add_argument("--idle-timeout", type=float, metavar="SECONDS",
+                        default=float(os.environ.get("TPSERVE_IDLE_TIMEOUT", defaults.idle_timeout)),
+                        help="close a connection idle or without a complete request head this long "
+                             "(default %(default)s; TPSERVE_IDLE_TIMEOUT)")
+    parser.add_argument("--read-timeout", type=float, metavar="SECONDS",
+                        default=float(os.environ.get("TPSERVE_READ_TIMEOUT", defaults.read_timeout)),
+                        help="time to send a whole body, 408 after (default %(default)s; TPSERVE_READ_TIMEOUT)")
     args = parser.parse_args(argv)
     if not args.model_store and not args.model:
         parser.error("nothing to serve: give --model-store DIR or -m PATH")

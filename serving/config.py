@@ -82,6 +82,14 @@ class ModelConfig(BaseModel):
     what gpu_memory_utilization leaves after the weights."""
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, alias="option.gpu_memory_utilization")
     """Share of each GPU's memory that weights and KV cache may take, when max_kv_cache_tokens is not set."""
+    hang_timeout: int | None = Field(None, gt=0, alias="option.hang_timeout")
+    """Seconds a group that has work may go without progress (a decode step, a streamed chunk, a finished
+    unit) before it is declared hung and restarted. Default: predict_timeout + 30."""
+    heartbeat_timeout: int = Field(20, gt=0, alias="option.heartbeat_timeout")
+    """Seconds without a beat from any one rank (or without rank 0 answering a heartbeat) that fail the group:
+    a stopped or frozen rank. Keep it well above the longest pause a rank can take holding the GIL."""
+    retry_threshold: int = Field(10, ge=0)
+    """Consecutive failed restarts after which the model stays FAILED (DJL's key); 0 never restarts."""
     batch_size: int = Field(1, ge=1)
     """Most requests rank 0 hands to the handler at once (DJL dynamic batching: Input.get_batches())."""
     max_batch_delay: int = Field(100, ge=0)
@@ -110,6 +118,11 @@ class ModelConfig(BaseModel):
         if self.tensor_parallel_degree == "max":
             return visible_accelerators() or os.cpu_count() or 1
         return self.tensor_parallel_degree
+
+    @property
+    def stall_limit(self) -> int:
+        """Seconds without progress, while the group has work, after which it counts as hung."""
+        return self.hang_timeout or self.predict_timeout + 30
 
     @property
     def uses_mpi(self) -> bool:

@@ -8,7 +8,8 @@ can be in flight on one socket. The kinds:
     request    {id, input}         response   {id, output}     the handler's Output for that request
     cancel     {id}                chunk      {id, data}       one streamed piece (Output.add_stream_content)
     heartbeat  {seq}               error      {id?, code, message}   id missing: the whole group failed
-    shutdown   {}                  heartbeat  {seq, busy_for}  busy_for: seconds the current unit has run
+    shutdown   {}                  heartbeat  {seq, progress, has_work}   progress: a counter of steps,
+                                                                chunks and units that must move while has_work
 
 The same encoding is used for the units rank 0 broadcasts to the other ranks (`pack` / `unpack`).
 """

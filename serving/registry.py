@@ -5,6 +5,7 @@ import logging
 from aiohttp import web
 
 from serving.config import ModelConfig
+from serving.namespace import Namespace
 from serving.worker_group import WorkerGroup
 
 log = logging.getLogger("tpserve.registry")
@@ -15,13 +16,14 @@ class UnknownModel(Exception):
 
 
 class ModelRegistry:
-    def __init__(self, configs: list[ModelConfig]):
+    def __init__(self, configs: list[ModelConfig], space: Namespace | None = None):
         names = [config.name for config in configs]
         duplicates = {name for name in names if names.count(name) > 1}
         if duplicates:
             raise ValueError(f"two model directories share the name {', '.join(sorted(duplicates))}: "
                              f"name them with -m NAME=PATH")
-        self.groups = {config.name: WorkerGroup(config) for config in configs}
+        self.space = space or Namespace()
+        self.groups = {config.name: WorkerGroup(config, self.space) for config in configs}
         self._runs: list[asyncio.Task] = []
 
     def get(self, name: str) -> WorkerGroup:
@@ -42,13 +44,15 @@ class ModelRegistry:
         self._runs = [asyncio.create_task(group.run(), name=f"group-{name}") for name, group in self.groups.items()]
 
     async def stop(self) -> None:
-        await asyncio.gather(*(group.stop() for group in self.groups.values()))
+        # The restart loops first, so none launches a group after its model was stopped.
         for run in self._runs:
             run.cancel()
         await asyncio.gather(*self._runs, return_exceptions=True)
+        await asyncio.gather(*(group.stop() for group in self.groups.values()))
 
     def all_ready(self) -> bool:
-        return all(group.state.value == "READY" for group in self.groups.values())
+        """Every model READY and none suspected (a late beat, no progress): what a readiness probe wants."""
+        return all(group.state.value == "READY" and not group.suspect for group in self.groups.values())
 
 
 REGISTRY = web.AppKey("registry", ModelRegistry)

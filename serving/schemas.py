@@ -6,25 +6,36 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_SEED = 2**63 - 1
+# Bounds that keep one request from holding a group for minutes (issue 9): a request above them gets 422 in
+# the front end and never reaches the ranks.
+MAX_NEW_TOKENS = 32_768
+MAX_PROMPTS = 32  # prompts in one request (a list of inputs / prompt)
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_LENGTH = 256
+MAX_MESSAGES = 512
+Prompt = Annotated[str, Field(min_length=1)]
+StopSequence = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
+# every model refuses NaN and +-Infinity (Python's json accepts them)
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class GenerationParameters(BaseModel):
     """LMI/TGI `parameters`. Unknown names are refused, so a typo is not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = STRICT
 
-    max_new_tokens: int = Field(30, ge=1, le=1_000_000)
-    min_new_tokens: int = Field(0, ge=0, le=1_000_000)
+    max_new_tokens: int = Field(30, ge=1, le=MAX_NEW_TOKENS)
+    min_new_tokens: int = Field(0, ge=0, le=MAX_NEW_TOKENS)
     """Suppress the end-of-sequence token until this many tokens were generated (benchmarks force lengths)."""
     do_sample: bool = False
-    temperature: float = Field(1.0, ge=0.0)
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
     """0 means greedy, as in OpenAI's API."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, le=1_000_000)
     """0 disables top-k."""
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    stop_sequences: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=16)
+    stop_sequences: list[StopSequence] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
     include_stop_str_in_output: bool = True
     """Keep a matched stop sequence at the end of the text (TGI/LMI do; the OpenAI API does not)."""
     return_full_text: bool = False
@@ -41,7 +52,7 @@ class GenerationParameters(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = STRICT
 
     role: Literal["system", "user", "assistant"]
     content: str
@@ -51,10 +62,10 @@ class GenerateRequest(BaseModel):
     """The DJL/LMI body: `{"inputs": "..." | ["...", ...], "parameters": {...}, "stream": false}`, or
     `{"messages": [{"role", "content"}, ...], ...}` to have the model's chat template applied."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = STRICT
 
-    inputs: str | Annotated[list[str], Field(min_length=1)] | None = None
-    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    inputs: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS)] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
     parameters: GenerationParameters = Field(default_factory=GenerationParameters)
     stream: bool = False
 

@@ -1,43 +1,44 @@
 """The front end's side of one model's ranks: launch `mpirun -np TP`, connect to rank 0, relay frames,
 watch the group's health, and tear it all down.
 
-A group is one failure domain. If mpirun exits, rank 0 stops answering heartbeats, or a unit of work runs
-far past predict_timeout (a diverged rank waits in a collective forever), the whole process tree is killed,
-DeepSpeed's shared-memory files are removed, every request in flight gets an error, and `run()` starts a
-fresh group after a backoff.
+A group is one failure domain. It fails when mpirun exits, when any rank stops beating (its beat file, see
+serving/rank/beat.py, ages past option.heartbeat_timeout: a stopped or frozen rank), when rank 0 stops answering
+heartbeat frames, or when it has work and its progress counter (steps, chunks, finished units) stands still
+for option.hang_timeout (a diverged rank waits in a collective forever). Then mpirun, every recorded rank and
+their process groups are killed, their files (/dev/shm included) removed, every request in flight gets an
+error, and `run()` starts a fresh group after a backoff, giving up after retry_threshold consecutive failures.
 """
 import asyncio
 import collections
 import enum
-import glob
 import itertools
 import logging
 import os
-import shutil
-import signal
 import socket
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-import psutil
-
+from serving import namespace
 from serving.config import ModelConfig
+from serving.namespace import Namespace
 from serving.protocol import ProtocolError, encode, read_frame
+from serving.rank import beat
 
 log = logging.getLogger("tpserve.worker_group")
 
-HEARTBEAT_INTERVAL = 2.0
-HEARTBEAT_TIMEOUT = 30.0  # rank 0's reader thread answers even mid-forward-pass; silence this long is a hang
-HUNG_GRACE = 30.0  # seconds past predict_timeout before a busy group counts as hung
+HEARTBEAT_INTERVAL = 1.0
+SUSPECT_AFTER = 3.0  # seconds a beat or an answer may be late before /ping calls the group unhealthy
 RESTART_BACKOFF = (1, 2, 4, 8, 16, 30)
+STABLE_AFTER = 30.0  # a group that served this long before failing starts the failure count afresh
 
 
 class State(str, enum.Enum):
     LOADING = "LOADING"
     READY = "READY"
-    FAILED = "FAILED"
+    RESTARTING = "RESTARTING"  # the group failed; a fresh one starts after a backoff
+    FAILED = "FAILED"  # for good: never loaded, or retry_threshold consecutive failures
     STOPPED = "STOPPED"
 
 
@@ -58,12 +59,15 @@ class Pending:
 
 
 class WorkerGroup:
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, space: Namespace | None = None):
         self.config = config
+        self.space = space or Namespace()
         self.state = State.LOADING
         self.error: str | None = None
+        self.suspect: str | None = None  # why the running group looks unwell (late beat, no progress), or None
         self.loaded_in: float | None = None
         self.restarts = 0
+        self.failures = 0  # consecutive
         self.requests: dict[int, Pending] = {}
         self._ids = itertools.count(1)
         self._process: asyncio.subprocess.Process | None = None
@@ -72,10 +76,13 @@ class WorkerGroup:
         self._log_task: asyncio.Task | None = None
         self._failed = asyncio.Event()
         self._stopping = False
-        self._tmpdir: str | None = None
+        self._dir: Path | None = None
         self._master_port: int | None = None
         self._last_heartbeat = 0.0
-        self._busy_for = 0.0
+        self._progress = -1
+        self._progress_at = 0.0
+        self._ready_at = 0.0
+        self._has_work = False
         self.recent_log: collections.deque[str] = collections.deque(maxlen=40)
 
     @property
@@ -84,16 +91,18 @@ class WorkerGroup:
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def run(self) -> None:
-        """Start the group and keep it running: restart after a failure, with backoff. A group that never
-        became ready stays FAILED (its handler or config is broken; restarting would fail the same way)."""
-        attempt = 0
+        """Start the group and keep it running: restart after a failure, backing off, and give up (FAILED)
+        after retry_threshold consecutive failures. A group that never became ready stays FAILED at once (its
+        handler or config is broken; restarting would fail the same way)."""
         ever_ready = False
         while not self._stopping:
             try:
                 await self.start()
                 ever_ready = True
-                attempt = 0
+                up_since = time.monotonic()
                 await self._failed.wait()
+                if time.monotonic() - up_since >= STABLE_AFTER:
+                    self.failures = 0
             except GroupUnavailable as exc:
                 self._mark_failed(str(exc))
                 if not ever_ready:
@@ -101,25 +110,37 @@ class WorkerGroup:
                     return
             if self._stopping:
                 return
-            delay = RESTART_BACKOFF[min(attempt, len(RESTART_BACKOFF) - 1)]
-            attempt += 1
+            self.failures += 1
+            if self.failures > self.config.retry_threshold:
+                self.state = State.FAILED
+                self.error = f"gave up after {self.failures} consecutive failures (retry_threshold=" \
+                             f"{self.config.retry_threshold}); the last: {self.error}"
+                log.error("model %s: %s", self.name, self.error)
+                return
+            delay = RESTART_BACKOFF[min(self.failures - 1, len(RESTART_BACKOFF) - 1)]
+            self.state = State.RESTARTING
             self.restarts += 1
-            log.warning("model %s: restarting its worker group in %d s (%s)", self.name, delay, self.error)
+            log.warning("model %s: restarting its worker group in %d s (failure %d of at most %d in a row: %s)",
+                        self.name, delay, self.failures, self.config.retry_threshold + 1, self.error)
             await asyncio.sleep(delay)
 
     async def start(self) -> None:
         """Launch the ranks and load the model on all of them; returns once the group is READY."""
-        self.state, self.error, self._failed = State.LOADING, None, asyncio.Event()
+        # A fresh group starts from nothing the last one left: state, progress, files.
+        self.state, self.error, self.suspect, self._failed = State.LOADING, None, None, asyncio.Event()
+        self._progress, self._has_work = -1, False
         started = time.monotonic()
-        self._tmpdir = tempfile.mkdtemp(prefix=f"tpserve-{self.name}-")
-        socket_path = os.path.join(self._tmpdir, "rank0.sock")
+        self._dir = self.space.group_dir(self.name)
+        socket_path = str(self._dir / "rank0.sock")
         self._master_port = free_port()
         mode = f"MPI mode with TP: {self.config.world_size}" if self.config.uses_mpi else "Python mode"
         log.info("Loading model %s in %s.", self.name, mode)
         self._process = await asyncio.create_subprocess_exec(
-            *launch_command(self.config, socket_path), env=rank_environment(self._master_port),
+            *launch_command(self.config, socket_path),
+            env=rank_environment(self._master_port, self.space, self._dir / "beat"),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             start_new_session=True)  # its own process group, so the whole tree can be signalled
+        namespace.record_group(self._dir, self._process.pid, self._master_port if self.config.uses_mpi else None)
         self._log_task = asyncio.create_task(self._pump_log())  # ends by itself when the ranks' output closes
         self._tasks = []
         try:
@@ -140,7 +161,7 @@ class WorkerGroup:
             await self._kill()
             raise GroupUnavailable(f"model {self.name} failed to load: {frame.get('message')}")
         self.loaded_in = time.monotonic() - started
-        self._last_heartbeat = time.monotonic()
+        self._last_heartbeat = self._progress_at = self._ready_at = time.monotonic()
         self.state = State.READY
         self._tasks += [asyncio.create_task(self._read_frames(reader)), asyncio.create_task(self._watch())]
         log.info("Model [%s] initialized: loaded on %d rank(s) in %d ms.", self.name, self.config.world_size,
@@ -149,8 +170,9 @@ class WorkerGroup:
     async def stop(self) -> None:
         """Ask the ranks to shut down, then make sure the whole tree is gone."""
         self._stopping = True
+        ready = self.state == State.READY
         self.state = State.STOPPED
-        if self._writer is not None and self._process is not None and self._process.returncode is None:
+        if ready and self._writer is not None and self._process is not None and self._process.returncode is None:
             self._send({"kind": "shutdown"})
             try:
                 await asyncio.wait_for(self._process.wait(), 5)
@@ -196,7 +218,7 @@ class WorkerGroup:
                 frame = await read_frame(reader)
                 kind = frame["kind"]
                 if kind == "heartbeat":
-                    self._last_heartbeat, self._busy_for = time.monotonic(), frame.get("busy_for", 0.0)
+                    self._on_heartbeat(frame)
                 elif "id" in frame:
                     pending = self.requests.get(frame["id"])
                     if pending is None:
@@ -210,21 +232,71 @@ class WorkerGroup:
         except (asyncio.IncompleteReadError, ConnectionError, ProtocolError) as exc:
             await self._group_failed(f"connection to rank 0 lost ({type(exc).__name__}: {exc}; {self._exit_status()})")
 
+    def _on_heartbeat(self, frame: dict) -> None:
+        now = time.monotonic()
+        self._last_heartbeat = now
+        progress, has_work = frame.get("progress", 0), bool(frame.get("has_work"))
+        # The stall clock runs only while there is work: an idle group makes no progress and is fine.
+        if progress != self._progress or not (has_work or self._has_work):
+            self._progress, self._progress_at = progress, now
+        self._has_work = has_work
+
     async def _watch(self) -> None:
-        """Heartbeats out; a dead, silent or hung group is failed."""
+        """Heartbeats out; a dead, stopped, silent or stalled group is failed, a late one suspected."""
         seq = 0
         while self.state == State.READY:
             await asyncio.sleep(HEARTBEAT_INTERVAL)
+            if self.state != State.READY:
+                return
             if self._process.returncode is not None:
                 return await self._group_failed(f"ranks exited ({self._exit_status()}): {self._last_lines()}")
-            if time.monotonic() - self._last_heartbeat > HEARTBEAT_TIMEOUT:
-                return await self._group_failed(f"rank 0 has not answered heartbeats for {HEARTBEAT_TIMEOUT:.0f} s")
-            if self._busy_for > self.config.predict_timeout + HUNG_GRACE:
-                return await self._group_failed(
-                    f"one unit of work has run {self._busy_for:.0f} s, past option.predict_timeout="
-                    f"{self.config.predict_timeout} s: a rank is hung")
+            problem, fatal = self._health()
+            if fatal:
+                return await self._group_failed(problem)
+            if problem != self.suspect:
+                log.warning("model %s: %s", self.name, problem) if problem else \
+                    log.info("model %s: healthy again", self.name)
+            self.suspect = problem
             seq += 1
             self._send({"kind": "heartbeat", "seq": seq})
+
+    def _health(self) -> tuple[str | None, bool]:
+        """(what looks wrong, whether it is bad enough to fail the group) from beats, answers and progress."""
+        now = time.monotonic()
+        limit = self.config.heartbeat_timeout
+        problems = []
+        for rank, age in self._beat_ages(now).items():
+            if age > limit:
+                return f"rank {rank} has not beaten for {age:.0f} s (option.heartbeat_timeout={limit}): " \
+                       f"it is stopped or frozen", True
+            if age > SUSPECT_AFTER:
+                problems.append(f"rank {rank}'s last beat was {age:.0f} s ago")
+        silent = now - self._last_heartbeat
+        if silent > limit:
+            return f"rank 0 has not answered heartbeats for {silent:.0f} s (option.heartbeat_timeout={limit})", True
+        if silent > SUSPECT_AFTER:
+            problems.append(f"rank 0 last answered a heartbeat {silent:.0f} s ago")
+        stalled = now - self._progress_at if self._has_work else 0.0
+        if stalled > self.config.stall_limit:
+            return f"no progress for {stalled:.0f} s while it has work (option.hang_timeout=" \
+                   f"{self.config.stall_limit}): a rank is hung", True
+        if stalled > self.config.predict_timeout:
+            problems.append(f"no progress for {stalled:.0f} s while it has work")
+        return ("; ".join(problems) or None), False
+
+    def _beat_ages(self, now: float) -> dict[int, float]:
+        """Seconds since each rank's last beat, on the monotonic clock; a rank with no file yet counts as
+        beating when the group became ready."""
+        ages = {}
+        wall = time.time()
+        for rank in range(self.config.world_size):
+            try:
+                mtime = (self._dir / "beat" / f"rank{rank}").stat().st_mtime
+            except OSError:
+                ages[rank] = now - self._ready_at
+                continue
+            ages[rank] = max(0.0, wall - mtime)
+        return ages
 
     async def _group_failed(self, reason: str) -> None:
         if self.state != State.READY:
@@ -236,7 +308,7 @@ class WorkerGroup:
         self._failed.set()
 
     def _mark_failed(self, reason: str) -> None:
-        self.state, self.error = State.FAILED, reason
+        self.state, self.error, self.suspect = State.FAILED, reason, None
 
     def _fail_requests(self, code: int, message: str) -> None:
         for pending in self.requests.values():
@@ -257,7 +329,8 @@ class WorkerGroup:
                 rank_log.info("%s", text)
 
     async def _kill(self) -> None:
-        """Kill mpirun and every process under it, then remove what the ranks leave behind."""
+        """SIGKILL mpirun, every rank the group recorded and their process groups (even when mpirun is already
+        gone), wait until they are gone, then remove the group's files, /dev/shm included."""
         current = asyncio.current_task()
         for task in self._tasks:
             if task is not current:
@@ -265,13 +338,14 @@ class WorkerGroup:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        if self._process is not None:
-            await asyncio.to_thread(kill_tree, self._process.pid)
-            await self._process.wait()
-        if self._tmpdir:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-        if self._master_port:
-            remove_shared_memory(self._master_port)
+        if self._dir is not None:
+            group_dir, self._dir = self._dir, None
+            alive = await asyncio.to_thread(namespace.kill_group, group_dir)
+            if alive:
+                log.error("model %s: processes %s survived SIGKILL", self.name, [p.pid for p in alive])
+            if self._process is not None:
+                await self._process.wait()
+            namespace.remove_group_files(group_dir)
 
     def _exit_status(self) -> str:
         code = self._process.returncode if self._process else None
@@ -293,7 +367,7 @@ def launch_command(config: ModelConfig, socket_path: str) -> list[str]:
     return command + rank
 
 
-def rank_environment(master_port: int) -> dict[str, str]:
+def rank_environment(master_port: int, space: Namespace, beat_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     bin_dir = os.path.dirname(sys.executable)
     env.update(
@@ -303,43 +377,15 @@ def rank_environment(master_port: int) -> dict[str, str]:
         MASTER_PORT=str(master_port),
         OMPI_ALLOW_RUN_AS_ROOT="1",  # containers run as root
         OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+        # Everything the group writes lands in this instance's namespace, so it can all be removed:
+        TMPDIR=str(space.tmp),  # Open MPI's session folders (/tmp/ompi.*, /tmp/prte.*)
+        **{beat.ENV: str(beat_dir)},
     )
+    if space.shm.is_dir():
+        env["OMPI_MCA_btl_sm_backing_directory"] = str(space.shm)  # /dev/shm/sm_segment.*
     project_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [project_root, env.get("PYTHONPATH")]))
     return env
-
-
-def kill_tree(pid: int, grace: float = 3.0) -> None:
-    try:
-        root = psutil.Process(pid)
-        procs = [root] + root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return
-    for proc in procs:
-        try:
-            proc.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=grace)
-    try:
-        os.killpg(pid, signal.SIGKILL)  # anything that escaped the tree but kept the process group
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def remove_shared_memory(master_port: int) -> None:
-    """DeepSpeed's CPU all-reduce leaves /dev/shm/deepspeed_allreduce_buffer_<n>_<addr>_<port>_<rank>."""
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_127.0.0.1_{master_port}_*"):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
 
 
 def free_port() -> int:

@@ -17,7 +17,8 @@ from serving.schemas import GenerateRequest
 from serving.worker_group import WorkerGroup
 
 routes = web.RouteTableDef()
-UNION_BRANCHES = {"str", "list[str]", "list[ChatMessage]", "int", "float", "bool", "none"}
+UNION_BRANCHES = {"str", "list[str]", "list[ChatMessage]", "int", "float", "bool", "none", "constrained-str",
+                  "list[constrained-str]"}
 
 
 @routes.post("/predictions/{model}")
@@ -97,10 +98,14 @@ def check_body(group: WorkerGroup, content_type: str, body: bytes) -> web.Respon
     if content_type != "application/json":
         if not body:
             return error_response(400, "BadRequest", "the request body is empty")
+        if content_type.startswith("text/") and not is_utf8(body):
+            return error_response(400, "BadRequest", "the text body is not valid UTF-8")
         return None
     try:
         payload = json.loads(body)
-    except ValueError as exc:
+    except RecursionError:
+        return error_response(400, "BadRequest", "the body is nested too deeply")
+    except ValueError as exc:  # a JSON or UTF-8 decoding error
         return error_response(400, "BadRequest", f"the body is not valid JSON: {exc}")
     if group.config.entry_point_module() == BUILTIN_HANDLER:
         try:
@@ -108,6 +113,14 @@ def check_body(group: WorkerGroup, content_type: str, body: bytes) -> web.Respon
         except ValidationError as exc:
             return error_response(422, "ValidationError", describe_validation_error(exc))
     return None
+
+
+def is_utf8(body: bytes) -> bool:
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def describe_validation_error(exc: ValidationError) -> str:

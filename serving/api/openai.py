@@ -6,50 +6,56 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serving.api.dispatch import DispatchError, dispatch
+from serving.api.errors import RETRY_AFTER
+from serving.api.inference import UNION_BRANCHES
 from serving.registry import REGISTRY, UnknownModel
-from serving.schemas import MAX_SEED, ChatMessage
+from serving.schemas import (MAX_MESSAGES, MAX_NEW_TOKENS, MAX_PROMPTS, MAX_SEED, MAX_STOP_SEQUENCES, ChatMessage,
+                             Prompt, StopSequence)
 
 routes = web.RouteTableDef()
 FINISH_REASONS = {"eos_token": "stop", "stop_sequence": "stop", "length": "length", "cancelled": "stop"}
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
     include_usage: bool = False
 
 
 class OpenAIRequest(BaseModel):
     """What /v1/completions and /v1/chat/completions share."""
 
-    model_config = ConfigDict(extra="ignore")  # clients send fields we have no use for (user, ...)
+    # clients send fields we have no use for (user, ...); NaN and Infinity are refused
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: StopSequence | list[StopSequence] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
 
 
 class CompletionRequest(OpenAIRequest):
-    prompt: str | list[str]
+    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS)]
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
 
 
 class ChatCompletionRequest(OpenAIRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
@@ -74,7 +80,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def _serve(request: web.Request, schema: type[OpenAIRequest], kind: str) -> web.StreamResponse:
     try:
         body = schema.model_validate(json.loads(await request.read()))
-    except ValueError as exc:  # ValidationError is a ValueError; so is a JSON decoding error
+    except RecursionError:
+        return openai_error(400, "the body is nested too deeply", None)
+    except ValueError as exc:  # ValidationError is a ValueError; so are JSON and UTF-8 decoding errors
         return invalid(exc)
     try:
         group = request.app[REGISTRY].get(body.model)
@@ -113,13 +121,26 @@ def lmi_body(body: OpenAIRequest, seed: int | None, stream: bool) -> bytes:
 
 
 async def _complete(group, body: OpenAIRequest) -> tuple[list[dict], dict]:
-    """n > 1: n requests (seed, seed+1, ...) in flight at once; each answer becomes one choice."""
+    """n > 1: n requests (seed, seed+1, ...) in flight at once; each answer becomes one choice. The first that
+    fails cancels the others (on the ranks too), so a failed request does not keep the group busy."""
     seeds = [None if body.seed is None else body.seed + i for i in range(body.n)]
-    answers = await asyncio.gather(*(_ask(group, lmi_body(body, seed, stream=False)) for seed in seeds))
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            asks = [tasks.create_task(_ask(group, lmi_body(body, seed, stream=False))) for seed in seeds]
+    except* DispatchError as failures:
+        raise failures.exceptions[0] from None
+    answers = [ask.result() for ask in asks]
     generations = [g for answer in answers for g in (answer if isinstance(answer, list) else [answer])]
-    choices = [choice(body, index, g["generated_text"], g["details"]) for index, g in enumerate(generations)]
-    prompt_tokens = sum(g["details"]["prompt_tokens"] for g in generations[:len(generations) // body.n])
-    completion_tokens = sum(g["details"]["generated_tokens"] for g in generations)
+    if not all(isinstance(g, dict) and isinstance(g.get("generated_text"), str) for g in generations):
+        raise DispatchError(424, "HandlerError", "the handler's answer is not an LMI generation "
+                                                 "({\"generated_text\": ..., \"details\": ...})")
+    prompts = body.prompt if isinstance(body, CompletionRequest) and isinstance(body.prompt, list) else None
+    choices = [choice(body, index, g["generated_text"], g.get("details") or {},
+                      prompts[index] if prompts else getattr(body, "prompt", ""))
+               for index, g in enumerate(generations)]
+    per_prompt = generations[:max(1, len(generations) // body.n)]
+    prompt_tokens = sum((g.get("details") or {}).get("prompt_tokens", 0) for g in per_prompt)
+    completion_tokens = sum((g.get("details") or {}).get("generated_tokens", 0) for g in generations)
     return choices, usage(prompt_tokens, completion_tokens)
 
 
@@ -131,21 +152,33 @@ async def _ask(group, lmi: bytes) -> Any:
             if frame["kind"] == "response":
                 output = frame["output"]
                 content = output["content"][0][1] if output["content"] else b"{}"
+                answer = _json_or_none(content)
                 if output["code"] >= 400:
-                    raise DispatchError(output["code"], "HandlerError", json.loads(content).get("message", ""))
-                return json.loads(content)
+                    message = answer.get("message", "") if isinstance(answer, dict) else content[:200].decode("utf-8", "replace")
+                    raise DispatchError(output["code"], "HandlerError", message)
+                if answer is None:
+                    raise DispatchError(424, "HandlerError", "the handler's answer is not JSON")
+                return answer
     raise DispatchError(500, "HandlerError", "the handler streamed an answer to a request that did not ask for one")
 
 
-def choice(body: OpenAIRequest, index: int, text: str, details: dict) -> dict:
-    finish = FINISH_REASONS.get(details["finish_reason"], "stop")
+def _json_or_none(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+
+
+def choice(body: OpenAIRequest, index: int, text: str, details: dict, prompt: str = "") -> dict:
+    """One choice; `details` may be empty (a custom handler that returns only generated_text)."""
+    finish = FINISH_REASONS.get(details.get("finish_reason"), "stop")
     if isinstance(body, ChatCompletionRequest):
         item = {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
         if body.logprobs:
             item["logprobs"] = {"content": chat_logprobs(details)}
         return item
     if body.echo:
-        text = body.prompt + text
+        text = prompt + text
     item = {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
     if body.logprobs is not None:
         item["logprobs"] = completion_logprobs(details)
@@ -153,15 +186,15 @@ def choice(body: OpenAIRequest, index: int, text: str, details: dict) -> dict:
 
 
 def chat_logprobs(details: dict) -> list[dict]:
-    tops = details.get("top_tokens") or [[] for _ in details["tokens"]]
+    tops = details.get("top_tokens") or [[] for _ in details.get("tokens", [])]
     return [{"token": t["text"], "logprob": t["log_prob"], "bytes": list(t["text"].encode()),
              "top_logprobs": [{"token": a["text"], "logprob": a["log_prob"], "bytes": list(a["text"].encode())}
                               for a in top]}
-            for t, top in zip(details["tokens"], tops)]
+            for t, top in zip(details.get("tokens", []), tops)]
 
 
 def completion_logprobs(details: dict) -> dict:
-    tokens = details["tokens"]
+    tokens = details.get("tokens", [])
     offsets, position = [], 0
     for token in tokens:
         offsets.append(position)
@@ -196,7 +229,13 @@ async def _stream(request: web.Request, group, body: OpenAIRequest, kind: str) -
                     if frame["kind"] == "error":
                         await fail(frame["code"], frame["message"])
                     break
-                event = json.loads(frame["data"])
+                event = _json_or_none(frame["data"])
+                if not isinstance(event, dict) or not isinstance(event.get("token", {}), (dict, type(None))):
+                    raise DispatchError(424, "HandlerError", "the handler streamed something that is not an LMI "
+                                                             "token event")
+                event.setdefault("token", None)
+                if event["token"] is None and "error" not in event and not event.get("details"):
+                    continue
                 if response is None:
                     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
                     await response.prepare(request)
@@ -208,11 +247,11 @@ async def _stream(request: web.Request, group, body: OpenAIRequest, kind: str) -
                     break
                 details = event.get("details")
                 finish = FINISH_REASONS.get(details["finish_reason"], "stop") if details else None
-                text = event["token"]["text"]
+                text = (event["token"] or {}).get("text", "")
                 if chat:
                     delta = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
                     if body.logprobs:
-                        delta["logprobs"] = {"content": chat_logprobs({"tokens": [event["token"]]})}
+                        delta["logprobs"] = {"content": chat_logprobs({"tokens": [event["token"]] if event["token"] else []})}
                 else:
                     delta = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
                 await send({**base, "choices": [delta]})
@@ -240,7 +279,7 @@ def new_id(kind: str) -> str:
 def invalid(exc: ValueError) -> web.Response:
     if isinstance(exc, ValidationError):
         error = exc.errors()[0]
-        param = ".".join(str(part) for part in error["loc"])
+        param = ".".join(str(part) for part in error["loc"] if str(part) not in UNION_BRANCHES)
         return openai_error(422, f"{param}: {error['msg']}", param)
     return openai_error(400, f"the body is not valid JSON: {exc}", None)
 
@@ -248,4 +287,4 @@ def invalid(exc: ValueError) -> web.Response:
 def openai_error(status: int, message: str, param: str | None, code: str | None = None) -> web.Response:
     kind: Literal["invalid_request_error", "server_error"] = "invalid_request_error" if status < 500 else "server_error"
     return web.json_response({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                             status=status)
+                             status=status, headers={"Retry-After": RETRY_AFTER} if status == 503 else None)

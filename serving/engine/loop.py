@@ -212,12 +212,12 @@ class EngineLoop:
         plan, kept = self.scheduler.schedule()
         if not plan.n_tokens:
             return
-        self.relay.busy_since = self.relay.busy_since or time.monotonic()
+        self.relay.busy_since = self.relay.busy_since or time.monotonic()  # has work: the watchdog looks
         self.relay.comm.broadcast({"kind": "step", "plan": plan.pack()})
         logits = self.engine.step(plan)
         frames = self._consume(kept, logits)
         self.relay.send_frames(frames)
-        self.relay.busy_since = time.monotonic()  # progress: the watchdog counts from the last step
+        self.relay.note_progress()  # the watchdog counts time since the last step, not since a unit began
 
     def _consume(self, kept: list[Kept], logits: torch.Tensor) -> list[dict]:
         """Sample the rows that produce a token this step; record prompt log-probabilities. Returns the frames to

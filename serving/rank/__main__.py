@@ -9,6 +9,8 @@ import logging
 import os
 import sys
 
+from serving.rank import beat
+
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m serving.rank")
@@ -18,6 +20,7 @@ def main(argv=None) -> None:
 
     map_mpi_environment()
     rank = int(os.environ.get("RANK", 0))
+    beat.start(rank)  # from the first moment, so a rank that stalls even while loading is seen
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
 

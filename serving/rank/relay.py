@@ -35,6 +35,7 @@ class Relay:
         self.pending: collections.OrderedDict[int, dict] = collections.OrderedDict()
         self.cancelled: set[int] = set()
         self.busy_since: float | None = None
+        self.progress = 0  # steps, chunks and units done; the front end's watchdog wants it to move
         self.batch_size = 1
         self.max_batch_delay = 0.0
         self.conn: socket.socket | None = None
@@ -66,6 +67,7 @@ class Relay:
             with self.cond:
                 self.busy_since = None
                 self.cancelled.clear()
+            self.note_progress()
 
     def _load(self, unit: dict) -> None:
         props = unit["properties"]
@@ -126,7 +128,13 @@ class Relay:
     def chunk_frame(rid: int, value) -> dict:
         return {"kind": "chunk", "id": rid, "data": encode_chunk(value)}
 
+    def note_progress(self) -> None:
+        """Something moved (a decode step, a chunk, a finished unit). The front end's watchdog only asks whether
+        the counter moved, so a plain += is enough, even from two threads."""
+        self.progress += 1
+
     def _send_chunk(self, rid: int, data: bytes, properties: dict | None = None) -> None:
+        self.note_progress()
         # the front end takes the response headers from a request's first chunk
         frame = {"kind": "chunk", "id": rid, "data": data}
         if properties:
@@ -150,9 +158,9 @@ class Relay:
             kind = frame["kind"]
             if kind == "heartbeat":
                 with self.cond:
-                    busy = 0.0 if self.busy_since is None else time.monotonic() - self.busy_since
-                self._send({"kind": "heartbeat", "seq": frame.get("seq", 0), "busy_for": busy,
-                            "queued": len(self.pending)})
+                    has_work = bool(self.busy_since is not None or self.pending or self.control)
+                self._send({"kind": "heartbeat", "seq": frame.get("seq", 0), "progress": self.progress,
+                            "has_work": has_work, "queued": len(self.pending)})
                 continue
             with self.cond:
                 if kind == "request":
