@@ -58,6 +58,12 @@ def server(tmp_path_factory, demo_model, tiny_llama):
                                                  "option.tensor_parallel_degree": str(tp)}, handler=FIXTURES / "probe.py")
     model_dir(store, "probe_smollm2_tp2", {"engine": "DeepSpeed", "option.model_id": str(demo_model),
                                            "option.tensor_parallel_degree": "2"}, handler=FIXTURES / "probe.py")
+    # the rolling-batch engine at TP=2 on a model whose heads split evenly, and the one-at-a-time path
+    model_dir(store, "llama_tp2", {"engine": "DeepSpeed", "option.model_id": str(tiny_llama),
+                                   "option.tensor_parallel_degree": "2", "option.max_rolling_batch_size": "4"})
+    model_dir(store, "smollm2_sequential", {"engine": "DeepSpeed", "option.model_id": str(demo_model),
+                                            "option.tensor_parallel_degree": "1", "option.dtype": "fp32",
+                                            "option.rolling_batch": "disable"})
     model_dir(store, "faulty", {"engine": "Python"}, handler=FIXTURES / "faulty.py")
     model_dir(store, "faulty_small_queue", {"engine": "Python", "job_queue_size": "1"}, handler=FIXTURES / "faulty.py")
     model_dir(store, "echo_batched", {"engine": "Python", "option.entryPoint": "handlers.echo", "batch_size": "4",
