@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from handlers.loading import load_model, load_tokenizer, resolve_dtype
+from handlers.loading import load_rank_model, load_tokenizer, resolve_dtype
 from serving.rank.inputs import Input
 from serving.rank.outputs import Output
 from serving.schemas import Details, GenerateRequest, Generation, GenerationParameters, StreamToken, Token
@@ -40,15 +40,8 @@ class TextGenerator:
         trust = properties.get("trust_remote_code", "false") == "true"
         dtype = resolve_dtype(properties.get("dtype", "auto"))
         self.tokenizer = load_tokenizer(model_id, trust)
-        model = load_model(model_id, dtype, trust)
-        self.context = getattr(model.config, "max_position_embeddings", None)
-        if properties.get("engine", "DeepSpeed") == "Python":
-            self.model = model.to(_device())
-        else:
-            import deepspeed
-            engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": self.tp}, dtype=dtype,
-                                              replace_with_kernel_inject=False)
-            self.model = engine.module
+        self.model = load_rank_model(properties, dtype)  # AutoTP split, or this rank's pre-sharded file
+        self.context = getattr(self.model.config, "max_position_embeddings", None)
         self.device = next(self.model.parameters()).device
         eos = self.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id])
