@@ -80,7 +80,8 @@ def load_rank_model(properties: dict[str, str], dtype: torch.dtype):
     module = deepspeed.init_inference(model, tensor_parallel={"tp_size": tp}, dtype=dtype,
                                       replace_with_kernel_inject=False).module
     if properties.get("save_mp_checkpoint_path"):
-        save_shards(module, properties["save_mp_checkpoint_path"], model_id, dtype, tp, rank)
+        out = Path(properties["model_dir"]) / properties["save_mp_checkpoint_path"]  # an absolute path stays
+        save_shards(module, str(out), model_id, dtype, tp, rank)
     return module
 
 
