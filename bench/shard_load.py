@@ -4,6 +4,8 @@ For one model at one tensor_parallel_degree: shard it once with `tpserve shard` 
 alternately on the original folder and on the shard folder, and measure
 - start -> ready: from launching `tpserve` to the model being READY (GET /models);
 - peak host memory of each rank: VmHWM of every `serving.rank` process, read once the model is ready;
+- the model load inside each rank (the built-in handler's "loaded ... in N s": weights and sharding, without
+  process start and imports);
 - CPU seconds each rank spent until ready (user + system): the work of loading, which unlike wall time does
   not grow when other processes share the cores;
 - the greedy token ids of one request, which must be equal both ways.
@@ -20,6 +22,7 @@ cache before every start instead, which is what a fresh pod on a fresh node sees
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -32,6 +35,9 @@ import psutil
 from tests.server import ROOT, Server
 
 PROMPT = "The capital of France is"
+# The built-in handler's line once a rank has its model (tokenizer, weights, AutoTP): the load itself, without
+# process start and imports.
+HANDLER_LOADED = re.compile(r"rank\d+ tpserve\.handlers\.text_generation: loaded .* in ([\d.]+) s")
 
 
 def main(argv=None) -> None:
@@ -107,8 +113,10 @@ def start_once(folder: Path, tp: int, dtype: str, log: Path) -> dict:
             tokens = [t["id"] for t in response.json()["details"]["tokens"]]
         finally:
             server.stop()
+    handler_load = [float(seconds) for seconds in HANDLER_LOADED.findall(log.read_text(errors="replace"))]
     return {"ready_s": round(ready_s, 2), "load_ms_reported": state.get("loaded_in_ms"),
-            "peak_rss_mib_per_rank": peaks, "cpu_s_per_rank": cpu, "tokens": tokens}
+            "peak_rss_mib_per_rank": peaks, "cpu_s_per_rank": cpu, "handler_load_s_per_rank": sorted(handler_load),
+            "tokens": tokens}
 
 
 def is_rank(cmdline: list[str]) -> bool:
@@ -154,19 +162,21 @@ def table(result: dict) -> str:
              f"shards {', '.join(f'{b / 2**20:,.0f}' for b in result['shard_bytes_per_rank'])} MiB per rank; "
              f"`tpserve shard` took {result['shard_command_s']} s",
              "",
-             "| load from | start -> ready (s), median | runs (s) | CPU s per rank until ready, median | "
-             "peak host RSS per rank (MiB), median |",
-             "|---|---|---|---|---|"]
+             "| load from | start -> ready (s), median | runs (s) | model load in each rank (s), median | "
+             "CPU s per rank until ready, median | peak host RSS per rank (MiB), median |",
+             "|---|---|---|---|---|---|"]
     for way, runs in result["runs"].items():
         ready = [run["ready_s"] for run in runs]
         lines.append(f"| {way} | {statistics.median(ready):.1f} | {', '.join(f'{r:.1f}' for r in ready)} | "
+                     f"{', '.join(f'{m:,.1f}' for m in per_rank_median(runs, 'handler_load_s_per_rank'))} | "
                      f"{', '.join(f'{m:,.1f}' for m in per_rank_median(runs, 'cpu_s_per_rank'))} | "
                      f"{', '.join(f'{m:,.0f}' for m in per_rank_median(runs, 'peak_rss_mib_per_rank'))} |")
     return "\n".join(lines)
 
 
 def per_rank_median(runs: list[dict], key: str) -> list[float]:
-    return [statistics.median(run[key][i] for run in runs) for i in range(len(runs[0][key]))]
+    ranks = min(len(run[key]) for run in runs)  # 0 when a handler does not log its load time
+    return [statistics.median(run[key][i] for run in runs) for i in range(ranks)]
 
 
 if __name__ == "__main__":
