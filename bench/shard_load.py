@@ -4,8 +4,8 @@ For one model at one tensor_parallel_degree: shard it once with `tpserve shard` 
 alternately on the original folder and on the shard folder, and measure
 - start -> ready: from launching `tpserve` to the model being READY (GET /models);
 - peak host memory of each rank: VmHWM of every `serving.rank` process, read once the model is ready;
-- the model load inside each rank (the built-in handler's "loaded ... in N s": weights and sharding, without
-  process start and imports);
+- the model load inside each rank, wall and CPU seconds (handlers.loading's "model ready" line: weights and
+  sharding, without process start, imports and tokenizer); on a shared machine CPU seconds compare, wall does not;
 - CPU seconds each rank spent until ready (user + system): the work of loading, which unlike wall time does
   not grow when other processes share the cores;
 - the greedy token ids of one request, which must be equal both ways.
@@ -35,9 +35,9 @@ import psutil
 from tests.server import ROOT, Server
 
 PROMPT = "The capital of France is"
-# The built-in handler's line once a rank has its model (tokenizer, weights, AutoTP): the load itself, without
-# process start and imports.
-HANDLER_LOADED = re.compile(r"rank\d+ tpserve\.handlers\.text_generation: loaded .* in ([\d.]+) s")
+# handlers.loading's line once a rank has its model (weights and sharding, without process start, imports
+# and tokenizer): wall and CPU seconds.
+RANK_LOADED = re.compile(r"tpserve\.handlers\.loading: rank\d+ model ready from .* in ([\d.]+) s, ([\d.]+) s CPU")
 
 
 def main(argv=None) -> None:
@@ -113,9 +113,11 @@ def start_once(folder: Path, tp: int, dtype: str, log: Path) -> dict:
             tokens = [t["id"] for t in response.json()["details"]["tokens"]]
         finally:
             server.stop()
-    handler_load = [float(seconds) for seconds in HANDLER_LOADED.findall(log.read_text(errors="replace"))]
+    loads = RANK_LOADED.findall(log.read_text(errors="replace"))
     return {"ready_s": round(ready_s, 2), "load_ms_reported": state.get("loaded_in_ms"),
-            "peak_rss_mib_per_rank": peaks, "cpu_s_per_rank": cpu, "handler_load_s_per_rank": sorted(handler_load),
+            "peak_rss_mib_per_rank": peaks, "cpu_s_per_rank": cpu,
+            "model_load_s_per_rank": sorted(float(wall) for wall, _ in loads),
+            "model_load_cpu_s_per_rank": sorted(float(seconds) for _, seconds in loads),
             "tokens": tokens}
 
 
@@ -158,17 +160,19 @@ def machine() -> dict:
 
 
 def table(result: dict) -> str:
-    lines = [f"{result['model']}, TP={result['tp']}, {result['dtype']}; source {result['source_bytes'] / 2**20:,.0f} MiB, "
+    lines = [f"{result['model']}, TP={result['tp']}, {result['dtype']}; "
+             f"source {result['source_bytes'] / 2**20:,.0f} MiB, "
              f"shards {', '.join(f'{b / 2**20:,.0f}' for b in result['shard_bytes_per_rank'])} MiB per rank; "
              f"`tpserve shard` took {result['shard_command_s']} s",
              "",
-             "| load from | start -> ready (s), median | runs (s) | model load in each rank (s), median | "
+             "| load from | start -> ready (s), median | runs (s) | model load per rank: wall s / CPU s, median | "
              "CPU s per rank until ready, median | peak host RSS per rank (MiB), median |",
              "|---|---|---|---|---|---|"]
     for way, runs in result["runs"].items():
         ready = [run["ready_s"] for run in runs]
+        walls, cpus = per_rank_median(runs, "model_load_s_per_rank"), per_rank_median(runs, "model_load_cpu_s_per_rank")
         lines.append(f"| {way} | {statistics.median(ready):.1f} | {', '.join(f'{r:.1f}' for r in ready)} | "
-                     f"{', '.join(f'{m:,.1f}' for m in per_rank_median(runs, 'handler_load_s_per_rank'))} | "
+                     f"{', '.join(f'{w:.2f} / {c:.2f}' for w, c in zip(walls, cpus))} | "
                      f"{', '.join(f'{m:,.1f}' for m in per_rank_median(runs, 'cpu_s_per_rank'))} | "
                      f"{', '.join(f'{m:,.0f}' for m in per_rank_median(runs, 'peak_rss_mib_per_rank'))} |")
     return "\n".join(lines)

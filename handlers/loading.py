@@ -68,21 +68,29 @@ def load_rank_model(properties: dict[str, str], dtype: torch.dtype):
     process's device). With option.save_mp_checkpoint_path (DJL's key), the shards are written after loading.
     Collective under engine=DeepSpeed/MPI: every rank calls it."""
     model_id = properties.get("model_id") or properties["model_dir"]
-    trust = properties.get("trust_remote_code", "false") == "true"
-    tp = int(properties.get("tensor_parallel_degree", 1))
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    if is_sharded(model_id):
+    started, cpu_started = time.monotonic(), time.process_time()
+    sharded = is_sharded(model_id)
+    module = _load_rank_model(properties, model_id, dtype, rank, sharded)
+    # CPU seconds beside wall seconds: on a shared machine only the former compares loads (bench/shard_load.py)
+    log.info("rank%d model ready from %s (%s) in %.2f s, %.2f s CPU", rank, model_id,
+             "pre-sharded" if sharded else "original", time.monotonic() - started, time.process_time() - cpu_started)
+    if properties.get("save_mp_checkpoint_path") and not sharded:
+        out = Path(properties["model_dir"]) / properties["save_mp_checkpoint_path"]  # an absolute path stays
+        save_shards(module, str(out), model_id, dtype, int(properties.get("tensor_parallel_degree", 1)), rank)
+    return module
+
+
+def _load_rank_model(properties: dict[str, str], model_id: str, dtype: torch.dtype, rank: int, sharded: bool):
+    tp = int(properties.get("tensor_parallel_degree", 1))
+    if sharded:
         return load_sharded(model_id, dtype, tp, rank)
-    model = load_model(model_id, dtype, trust)
+    model = load_model(model_id, dtype, properties.get("trust_remote_code", "false") == "true")
     if properties.get("engine", "DeepSpeed") == "Python":
         return model.to(_rank_device())
     import deepspeed
-    module = deepspeed.init_inference(model, tensor_parallel={"tp_size": tp}, dtype=dtype,
-                                      replace_with_kernel_inject=False).module
-    if properties.get("save_mp_checkpoint_path"):
-        out = Path(properties["model_dir"]) / properties["save_mp_checkpoint_path"]  # an absolute path stays
-        save_shards(module, str(out), model_id, dtype, tp, rank)
-    return module
+    return deepspeed.init_inference(model, tensor_parallel={"tp_size": tp}, dtype=dtype,
+                                    replace_with_kernel_inject=False).module
 
 
 # --- tensor-parallel checkpoints -------------------------------------------------------------------------
