@@ -17,13 +17,12 @@ stop strings, length, cancellation) is made by `Steps`, which sees each new toke
 as soon as it is chosen: that is what streams (Input.write_chunk, from inside generate()).
 """
 import logging
-import os
 import time
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from handlers.loading import load_model, load_tokenizer, resolve_dtype
+from handlers.loading import load_rank_model, load_tokenizer, resolve_dtype
 from serving.engine.detokenize import Sequence
 from serving.engine.intake import RequestError, check_lengths, parse_request, render_prompts, wants_stream
 from serving.rank.inputs import Input
@@ -41,15 +40,8 @@ class TextGenerator:
         trust = properties.get("trust_remote_code", "false") == "true"
         dtype = resolve_dtype(properties.get("dtype", "auto"))
         self.tokenizer = load_tokenizer(model_id, trust)
-        model = load_model(model_id, dtype, trust)
-        self.context = getattr(model.config, "max_position_embeddings", None)
-        if properties.get("engine", "DeepSpeed") == "Python":
-            self.model = model.to(_device())
-        else:
-            import deepspeed
-            engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": self.tp}, dtype=dtype,
-                                              replace_with_kernel_inject=False)
-            self.model = engine.module
+        self.model = load_rank_model(properties, dtype)  # AutoTP split, or this rank's pre-sharded file
+        self.context = getattr(self.model.config, "max_position_embeddings", None)
         self.device = next(self.model.parameters()).device
         eos = self.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id])
@@ -173,12 +165,6 @@ class Steps(StoppingCriteria):
         if len(sequence.ids) >= self.params.max_new_tokens:
             return "length"
         return None
-
-
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 # --- the DJL handler contract ------------------------------------------------------------------------

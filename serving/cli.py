@@ -3,6 +3,7 @@
     tpserve --model-store model_store
     tpserve -m /opt/ml/model                 # one directory; the model is named after the folder
     tpserve -m deepspeed=/opt/ml/model       # ...or explicitly
+    tpserve shard --model-dir M --tensor-parallel-degree N --out D   # pre-shard a model (serving/shard.py)
 """
 import argparse
 import logging
@@ -20,6 +21,11 @@ log = logging.getLogger("tpserve")
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["shard"]:
+        from serving.shard import main as shard_main
+        shard_main(argv[1:])
+        return
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -61,6 +61,9 @@ class ModelConfig(BaseModel):
     """A handler file (relative to model_dir) or module; default: model.py in model_dir, else the built-in one."""
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", alias="option.dtype")
     """Weights' dtype; auto: fp16 on a GPU, fp32 on a CPU."""
+    save_mp_checkpoint_path: str | None = Field(None, alias="option.save_mp_checkpoint_path")
+    """DJL's key: a folder (absolute, or relative to model_dir) that every rank writes its tensor-parallel shard
+    into after loading the original checkpoint, once; serve it later as option.model_id (see `tpserve shard`)."""
     task: str = Field("text-generation", alias="option.task")
     trust_remote_code: Annotated[bool, BeforeValidator(_strict_bool)] = Field(False, alias="option.trust_remote_code")
     model_loading_timeout: int = Field(240, gt=0, alias="option.model_loading_timeout")
