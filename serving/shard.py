@@ -104,9 +104,12 @@ def resolve_source(model_dir: Path, dtype: str | None) -> tuple[str, str, bool]:
 
 def run_ranks(source: str, out: Path, tp: int, dtype: str, trust: bool) -> int:
     """Launch the ranks the way the server does (same mpirun line and environment) and wait for them."""
-    from serving.worker_group import free_port, rank_environment, remove_shared_memory
+    from serving.namespace import Namespace, record_group, remove_group_files
+    from serving.worker_group import free_port, rank_environment
 
     port = free_port()
+    space = Namespace().create()  # the ranks' temporary and shared-memory files, removed below
+    group = space.group_dir("shard")
     command = ["mpirun", "-np", str(tp), "--bind-to", "none", "--tag-output"]
     if tp > (os.cpu_count() or 1):
         command.append("--oversubscribe")
@@ -115,9 +118,12 @@ def run_ranks(source: str, out: Path, tp: int, dtype: str, trust: bool) -> int:
     if trust:
         command.append("--trust-remote-code")
     try:
-        return subprocess.call(command, env=rank_environment(port), stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(command, env=rank_environment(port, space, group / "beat"), stdin=subprocess.DEVNULL)
+        record_group(group, process.pid, port)
+        return process.wait()
     finally:
-        remove_shared_memory(port)
+        remove_group_files(group)
+        space.remove()
 
 
 def rank_main(source: str, out: Path, tp: int, dtype_name: str, trust: bool) -> None:
