@@ -5,43 +5,79 @@
     tpserve -m deepspeed=/opt/ml/model       # ...or explicitly
 """
 import argparse
+import asyncio
 import logging
-import sys
+import os
+import signal
 from pathlib import Path
 
 from aiohttp import web
 
+from serving import logs
 from serving.app import make_app
-from serving.config import PROPERTIES_FILE, ConfigError, ModelConfig, load_model_config
+from serving.config import PROPERTIES_FILE, ConfigError, ModelConfig, ServerSettings, load_model_config
+from serving.drain import DRAIN
 
 log = logging.getLogger("tpserve")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_format)
     try:
         configs = collect_models(args.model_store, args.model)
-    except ConfigError as exc:
+        settings = ServerSettings(model_store=args.model_store, grace_period=args.grace_period,
+                                  log_format=args.log_format, access_log=args.access_log)
+    except (ConfigError, ValueError) as exc:
         log.error("configuration error: %s", exc)
         raise SystemExit(2) from None
     for config in configs:
-        log.info("model %s: engine=%s tensor_parallel_degree=%s model_id=%s entryPoint=%s", config.name,
-                 config.engine, config.world_size, config.model_id or config.model_dir, config.entry_point_module())
-    # access_log=None: one log line per request is a cost on the hot path; metrics cover traffic.
-    web.run_app(make_app(configs), host=args.host, port=args.port, access_log=None, handler_cancellation=True,
-                print=lambda message: log.info("%s", message.strip()))
+        log.info("model %s (version %s): engine=%s tensor_parallel_degree=%s model_id=%s entryPoint=%s", config.name,
+                 config.version, config.engine, config.world_size, config.model_id or config.model_dir,
+                 config.entry_point_module())
+    asyncio.run(serve(make_app(configs, settings), args.host, args.port, settings.grace_period))
+
+
+async def serve(app: web.Application, host: str, port: int, grace_period: float) -> None:
+    """Bind at once (models load in the background), serve until SIGTERM/SIGINT, then drain: the port stays
+    open answering 503s while requests in flight finish, up to grace_period; then the groups stop."""
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=2.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        log.info("Listening on http://%s:%d", host, port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        log.info("signal received: draining (grace period %.0f s)", grace_period)
+        stopping = asyncio.create_task(app[DRAIN].drain(grace_period))
+        stop.clear()  # a second signal ends the grace period early
+        await asyncio.wait([stopping, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await runner.cleanup()  # closes the port, then stops every worker group
+    log.info("stopped")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tpserve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-store", type=Path, help="serve every model directory in this folder")
+    parser.add_argument("--model-store", type=Path, help="serve every model directory in this folder; "
+                        "POST /models may register more from it")
     parser.add_argument("-m", "--model", action="append", default=[], metavar="[NAME=]PATH",
                         help="serve this model directory (repeatable)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--grace-period", type=float, default=float(os.environ.get("TPSERVE_GRACE_PERIOD", 25)),
+                        help="seconds requests in flight get to finish after SIGTERM (env TPSERVE_GRACE_PERIOD; "
+                             "default 25, within Kubernetes' default terminationGracePeriodSeconds of 30)")
+    parser.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("TPSERVE_LOG_FORMAT", "text"),
+                        help="log lines as text or as JSON objects (env TPSERVE_LOG_FORMAT)")
+    parser.add_argument("--no-access-log", dest="access_log", action="store_false",
+                        default=os.environ.get("TPSERVE_ACCESS_LOG", "true").lower() != "false",
+                        help="no line per request (env TPSERVE_ACCESS_LOG=false)")
     args = parser.parse_args(argv)
     if not args.model_store and not args.model:
         parser.error("nothing to serve: give --model-store DIR or -m PATH")

@@ -58,8 +58,12 @@ class Pending:
 
 
 class WorkerGroup:
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, devices: list[str] | None = None):
         self.config = config
+        self.devices = devices  # GPU ids for CUDA_VISIBLE_DEVICES when groups get their own GPUs; None: all
+        self.progress: dict[str, float] = {}  # load stage -> seconds since launch (launched, ranks_up, ...)
+        self.engine_stats: dict | None = None  # rank 0's heartbeat `engine` report, when its engine sends one
+        self.rank_queued = 0  # requests waiting on rank 0, from its heartbeat
         self.state = State.LOADING
         self.error: str | None = None
         self.loaded_in: float | None = None
@@ -81,6 +85,11 @@ class WorkerGroup:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def pid(self) -> int | None:
+        """mpirun's (or the single rank's) process id while the group runs."""
+        return self._process.pid if self._process is not None and self._process.returncode is None else None
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -111,13 +120,14 @@ class WorkerGroup:
         """Launch the ranks and load the model on all of them; returns once the group is READY."""
         self.state, self.error, self._failed = State.LOADING, None, asyncio.Event()
         started = time.monotonic()
+        self.progress = {"launched": 0.0}
         self._tmpdir = tempfile.mkdtemp(prefix=f"tpserve-{self.name}-")
         socket_path = os.path.join(self._tmpdir, "rank0.sock")
         self._master_port = free_port()
         mode = f"MPI mode with TP: {self.config.world_size}" if self.config.uses_mpi else "Python mode"
         log.info("Loading model %s in %s.", self.name, mode)
         self._process = await asyncio.create_subprocess_exec(
-            *launch_command(self.config, socket_path), env=rank_environment(self._master_port),
+            *launch_command(self.config, socket_path), env=rank_environment(self._master_port, self.devices),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             start_new_session=True)  # its own process group, so the whole tree can be signalled
         self._log_task = asyncio.create_task(self._pump_log())  # ends by itself when the ranks' output closes
@@ -125,9 +135,13 @@ class WorkerGroup:
         try:
             async with asyncio.timeout(self.config.model_loading_timeout):
                 reader = await self._connect(socket_path)
+                self.progress["ranks_up"] = time.monotonic() - started  # rank 0 listens once all ranks joined
                 self._send({"kind": "init", "properties": self.config.handler_properties(),
                             "entry_point": self.config.entry_point_module()})
                 frame = await read_frame(reader)
+                while frame["kind"] == "progress":  # optional load stages from rank 0 (weights_loaded, ...)
+                    self.progress[str(frame.get("stage"))] = time.monotonic() - started
+                    frame = await read_frame(reader)
         except TimeoutError:
             await self._kill()
             raise GroupUnavailable(f"model {self.name} did not load within option.model_loading_timeout="
@@ -140,6 +154,7 @@ class WorkerGroup:
             await self._kill()
             raise GroupUnavailable(f"model {self.name} failed to load: {frame.get('message')}")
         self.loaded_in = time.monotonic() - started
+        self.progress["ready"] = self.loaded_in
         self._last_heartbeat = time.monotonic()
         self.state = State.READY
         self._tasks += [asyncio.create_task(self._read_frames(reader)), asyncio.create_task(self._watch())]
@@ -197,6 +212,11 @@ class WorkerGroup:
                 kind = frame["kind"]
                 if kind == "heartbeat":
                     self._last_heartbeat, self._busy_for = time.monotonic(), frame.get("busy_for", 0.0)
+                    self.rank_queued, self.engine_stats = frame.get("queued", 0), frame.get("engine")
+                elif kind == "started":  # rank 0 began a unit of these requests: the front end times queue wait
+                    for rid in frame.get("ids", ()):
+                        if rid in self.requests:
+                            self.requests[rid].frames.put_nowait(frame)
                 elif "id" in frame:
                     pending = self.requests.get(frame["id"])
                     if pending is None:
@@ -293,8 +313,10 @@ def launch_command(config: ModelConfig, socket_path: str) -> list[str]:
     return command + rank
 
 
-def rank_environment(master_port: int) -> dict[str, str]:
+def rank_environment(master_port: int, devices: list[str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
     bin_dir = os.path.dirname(sys.executable)
     env.update(
         PATH=bin_dir + os.pathsep + env.get("PATH", ""),  # the venv's mpirun, when Open MPI came from PyPI

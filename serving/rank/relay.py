@@ -72,6 +72,7 @@ class Relay:
 
     def _run(self, unit: dict) -> None:
         ids = [item["id"] for item in unit["items"]]
+        self._send({"kind": "started", "ids": ids})  # the front end measures queue wait and batch occupancy
         try:
             output, stream = self.worker.run(unit, self._is_cancelled, self._send_chunk)
             for index, chunk in enumerate(stream or ()):
