@@ -19,7 +19,8 @@ PROPERTIES_FILE = "serving.properties"
 BUILTIN_HANDLER = "handlers.text_generation"
 # DJL's own handler module names, which users' serving.properties may name as entryPoint.
 DJL_BUILTIN_ENTRY_POINTS = {"djl_python.deepspeed", "djl_python.huggingface", "djl_python.transformers_neuronx"}
-# DJL keys that tpserve accepts so existing files load, but does not act on (one worker group per model).
+# DJL keys that tpserve accepts so existing files load, but does not act on (a model starts with one worker
+# group; PUT /models/{m}?min_worker= scales it).
 IGNORED_DJL_KEYS = {
     "minWorkers", "maxWorkers", "gpu.minWorkers", "gpu.maxWorkers", "cpu.minWorkers", "cpu.maxWorkers",
     "load_on_devices", "required_memory_mb", "reserved_memory_mb", "log_model_metric", "metrics_aggregation",
