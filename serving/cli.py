@@ -53,9 +53,11 @@ async def serve(app: web.Application, host: str, port: int, grace_period: float)
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         log.info("signal received: draining (grace period %.0f s)", grace_period)
-        stopping = asyncio.create_task(app[DRAIN].drain(grace_period))
         stop.clear()  # a second signal ends the grace period early
-        await asyncio.wait([stopping, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        waits = [asyncio.create_task(app[DRAIN].drain(grace_period)), asyncio.create_task(stop.wait())]
+        _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
     finally:
         await runner.cleanup()  # closes the port, then stops every worker group
     log.info("stopped")

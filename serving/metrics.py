@@ -57,14 +57,30 @@ class Metrics:
                              "answered request", model, buckets=REQUEST_BUCKETS, registry=self.registry)
         self.batch = Histogram("tpserve_batch_occupancy", "Requests in one unit of work rank 0 started", model,
                                buckets=BATCH_BUCKETS, registry=self.registry)
+        self._bound: dict[tuple[str, str], dict] = {}
         self.registry.register(StateCollector(models, draining))
         self.registry.register(GpuCollector(models, nvml))
 
     def expose(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
-    def timer(self, model: str, version: str) -> "RequestTimer":
-        return RequestTimer(self, model, version)
+    def bound(self, model: str, version: str) -> dict:
+        """The per-request instruments with their labels bound, cached: `labels()` costs more than observe()."""
+        key = (model, version)
+        children = self._bound.get(key)
+        if children is None:
+            names = ("queue_wait", "ttft", "itl", "tpot", "e2e", "batch", "prompt_tokens", "generated_tokens")
+            children = self._bound[key] = {name: getattr(self, name).labels(model, version) for name in names}
+        return children
+
+    def forget(self, model: str, version: str) -> None:
+        """Drop an unregistered model version's series."""
+        self._bound.pop((model, version), None)
+        for name in ("queue_wait", "ttft", "itl", "tpot", "e2e", "batch", "prompt_tokens", "generated_tokens"):
+            try:
+                getattr(self, name).remove(model, version)
+            except KeyError:
+                pass
 
 
 class RequestTimer:
@@ -72,7 +88,7 @@ class RequestTimer:
     `chunk`... then `response` or `error`."""
 
     def __init__(self, metrics: Metrics | None, model: str, version: str):
-        self.metrics, self.labels = metrics, (model, version)
+        self.instruments = metrics.bound(model, version) if metrics is not None else None
         self.submitted = time.monotonic()
         self.pending_id: int | None = None  # the group's id of this request, set once submitted
         self.queue_wait: float | None = None
@@ -114,15 +130,15 @@ class RequestTimer:
         self._observe("e2e", self.ended - self.submitted)
         if self.chunks >= 2:
             self._observe("tpot", (self.last - self.first) / (self.chunks - 1))
-        if self.metrics is not None:
+        if self.instruments is not None:
             if self.prompt_tokens:
-                self.metrics.prompt_tokens.labels(*self.labels).inc(self.prompt_tokens)
+                self.instruments["prompt_tokens"].inc(self.prompt_tokens)
             if self.generated_tokens:
-                self.metrics.generated_tokens.labels(*self.labels).inc(self.generated_tokens)
+                self.instruments["generated_tokens"].inc(self.generated_tokens)
 
     def _observe(self, name: str, value: float) -> None:
-        if self.metrics is not None:
-            getattr(self.metrics, name).labels(*self.labels).observe(value)
+        if self.instruments is not None:
+            self.instruments[name].observe(value)
 
     def _count_tokens(self, frame: dict) -> None:
         """An engine may put `usage` on the response frame; otherwise LMI answers carry `details` (the last

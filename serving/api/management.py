@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 from aiohttp import web
 
 from serving.api.errors import error_response
+from serving.api.observe import METRICS
 from serving.config import ConfigError, load_model_config
 from serving.drain import DRAIN
 from serving.registry import REGISTRY, ModelExists, ModelVersion, NoDevices, UnknownModel
@@ -191,6 +192,8 @@ async def scale(request: web.Request) -> web.Response:
 async def unregister(request: web.Request) -> web.Response:
     name = request.match_info["model"]
     removed = await request.app[REGISTRY].remove(name, request.match_info.get("version"))
+    for entry in removed:
+        request.app[METRICS].forget(entry.name, entry.version)
     versions = ", ".join(entry.version for entry in removed)
     return web.json_response({"status": f'Model "{name}" unregistered (version {versions}).'})
 

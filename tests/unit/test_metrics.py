@@ -72,8 +72,10 @@ def test_failed_requests_leave_latency_histograms_alone():
     timer.on_frame({"kind": "error", "id": 8, "code": 424, "message": "boom"})
     timer.finish()
     got = samples(metrics)
-    assert ("tpserve_e2e_request_latency_seconds_count", (("model", "m"), ("version", "1"))) not in got
-    assert ("tpserve_batch_occupancy_count", (("model", "m"), ("version", "1"))) not in got
+    key = (("model", "m"), ("version", "1"))
+    assert got[("tpserve_e2e_request_latency_seconds_count", key)] == 0  # the series exist, at zero
+    assert got[("tpserve_batch_occupancy_count", key)] == 0
+    assert got[("tpserve_queue_wait_seconds_count", key)] == 1
 
 
 def test_usage_from_lmi_bodies_and_frames():
@@ -168,3 +170,13 @@ def test_every_dashboard_query_names_an_exported_metric(monkeypatch):
     titles = " ".join(panel["title"] for panel in dashboard["panels"]).lower()
     for wanted in ("latency", "tokens/s", "queue", "gpu utilisation per rank", "gpu memory per rank"):
         assert wanted in titles
+
+
+def test_an_unregistered_version_leaves_no_series():
+    metrics = Metrics()
+    timer = RequestTimer(metrics, "gone", "1")
+    timer.on_frame({"kind": "response", "usage": {"prompt_tokens": 1, "generated_tokens": 1}})
+    timer.finish()
+    assert any(labels == (("model", "gone"), ("version", "1")) for _, labels in samples(metrics))
+    metrics.forget("gone", "1")
+    assert not any(("model", "gone") in labels for _, labels in samples(metrics))
