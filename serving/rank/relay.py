@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 
+from serving.logs import REQUEST_ID
 from serving.protocol import encode, recv_frame
 from serving.rank.worker import HandlerError, Worker
 
@@ -58,6 +59,7 @@ class Relay:
             with self.cond:
                 self.busy_since = None
                 self.cancelled.clear()
+            REQUEST_ID.set(None)  # lines after the unit belong to no request
 
     def _load(self, unit: dict) -> None:
         props = unit["properties"]
@@ -178,6 +180,7 @@ def follow(comm, worker: Worker) -> None:
                 pass
         except Exception:  # rank 0 reports the failure; a diverged rank is caught by the front end's watchdog
             log.exception("rank %d: unit failed", comm.rank)
+        REQUEST_ID.set(None)
 
 
 def remove_stale_socket(path: str) -> None:

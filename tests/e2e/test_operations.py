@@ -292,3 +292,4 @@ def test_sigterm_drains_a_long_stream_then_exits_cleanly(tmp_path):
     assert len(access) == 1 and access[0]["status"] == 200 and access[0]["model"] == "ops"
     rank_lines = [e["message"] for e in entries if "req=drain-req-7" in e["message"]]
     assert any("rank0" in line for line in rank_lines) and any("rank1" in line for line in rank_lines), rank_lines
+    assert not [line for line in rank_lines if "shutting down" in line], "a line after the request kept its id"
