@@ -179,6 +179,7 @@ def _get_or_none(server, path):
 
 
 def test_register_version_scale_unregister_while_serving(ops_server):
+    ops_server.release.touch()  # in case the readiness test did not run
     wait_until(lambda: ops_server.get("/health/ready").status_code == 200, message="ready")
     statuses, stop = [], threading.Event()
 
