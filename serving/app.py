@@ -1,46 +1,41 @@
-"""The aiohttp application: routes of every API surface, the server-wide limits, and the worker groups (with
-this instance's file namespace) as a cleanup context."""
+"""The aiohttp application: routes of every API surface, the request middleware (ids, drain gate, metrics,
+access log, API key, body limits), and the worker groups (with this instance's file namespace) as a cleanup
+context."""
 import asyncio
-from dataclasses import dataclass
 
 from aiohttp import web
 
 from serving import namespace
-from serving.api import health, inference, management, openai, openapi
+from serving.api import health, inference, management, metrics, openai, openapi
 from serving.api.auth import API_KEY, require_token
 from serving.api.errors import error_response, json_errors
-from serving.config import ModelConfig
+from serving.api.observe import ACCESS_LOG, METRICS, observe, send_request_id
+from serving.config import ModelConfig, ServerSettings
+from serving.drain import DRAIN, Drain
+from serving.metrics import Metrics
 from serving.registry import REGISTRY, ModelRegistry
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """What applies to the whole server rather than to one model (the CLI's flags)."""
-
-    api_key: str | None = None
-    """Bearer token every route but the health probes requires; None: no authentication."""
-    max_request_size: int = 4 * 1024 * 1024
-    """Largest request body in bytes; a larger one gets 413 before it is read."""
-    idle_timeout: float = 15.0
-    """Seconds a connection may sit without sending a complete request head (half-open, slow headers, idle
-    keep-alive) before it is closed."""
-    read_timeout: float = 60.0
-    """Seconds a client has to send its whole body once its headers arrived (408 after)."""
-
 
 SETTINGS = web.AppKey("settings", ServerSettings)
 
 
 def make_app(configs: list[ModelConfig], settings: ServerSettings | None = None) -> web.Application:
     settings = settings or ServerSettings()
-    app = web.Application(middlewares=[json_errors, require_token, bounded_body],
+    # observe first: every answer, a 401 or a 413 too, is counted and logged with its request id
+    app = web.Application(middlewares=[observe, json_errors, require_token, bounded_body],
                           client_max_size=settings.max_request_size)
     app[SETTINGS] = settings
     if settings.api_key:
         app[API_KEY] = settings.api_key
-    app[REGISTRY] = ModelRegistry(configs)
-    for module in (inference, openai, health, management, openapi):
+    registry = app[REGISTRY] = ModelRegistry(configs)
+    drain = app[DRAIN] = Drain()
+    app[METRICS] = Metrics(models=lambda: registry.versions() + list(registry.retiring),
+                           draining=lambda: drain.draining)
+    app[ACCESS_LOG] = settings.access_log
+    if settings.model_store is not None:
+        app[management.MODEL_STORE] = settings.model_store
+    for module in (inference, openai, health, management, metrics, openapi):
         app.add_routes(module.routes)
+    app.on_response_prepare.append(send_request_id)
     app.cleanup_ctx.append(_worker_groups)
     return app
 

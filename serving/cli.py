@@ -6,16 +6,20 @@
     tpserve shard --model-dir M --tensor-parallel-degree N --out D   # pre-shard a model (serving/shard.py)
 """
 import argparse
+import asyncio
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 from aiohttp import web
 
+from serving import logs
 from serving.api.auth import ENV as API_KEY_ENV, check_exposure
-from serving.app import ServerSettings, make_app
-from serving.config import PROPERTIES_FILE, ConfigError, ModelConfig, load_model_config
+from serving.app import make_app
+from serving.config import PROPERTIES_FILE, ConfigError, ModelConfig, ServerSettings, load_model_config
+from serving.drain import DRAIN
 
 log = logging.getLogger("tpserve")
 
@@ -27,35 +31,70 @@ def main(argv: list[str] | None = None) -> None:
         shard_main(argv[1:])
         return
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_format)
     try:
         configs = collect_models(args.model_store, args.model)
-    except ConfigError as exc:
+        settings = ServerSettings(model_store=args.model_store, grace_period=args.grace_period,
+                                  log_format=args.log_format, access_log=args.access_log,
+                                  api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                                  max_request_size=args.max_request_size, idle_timeout=args.idle_timeout,
+                                  read_timeout=args.read_timeout)
+    except (ConfigError, ValueError) as exc:
         log.error("configuration error: %s", exc)
         raise SystemExit(2) from None
     for config in configs:
-        log.info("model %s: engine=%s tensor_parallel_degree=%s model_id=%s entryPoint=%s", config.name,
-                 config.engine, config.world_size, config.model_id or config.model_dir, config.entry_point_module())
-    settings = ServerSettings(api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-                              max_request_size=args.max_request_size, idle_timeout=args.idle_timeout,
-                              read_timeout=args.read_timeout)
+        log.info("model %s (version %s): engine=%s tensor_parallel_degree=%s model_id=%s entryPoint=%s", config.name,
+                 config.version, config.engine, config.world_size, config.model_id or config.model_dir,
+                 config.entry_point_module())
     check_exposure(args.host, settings.api_key)
-    # access_log=None: one log line per request is a cost on the hot path; metrics cover traffic.
+    asyncio.run(serve(make_app(configs, settings), args.host, args.port, settings))
+
+
+async def serve(app: web.Application, host: str, port: int, settings: ServerSettings) -> None:
+    """Bind at once (models load in the background), serve until SIGTERM/SIGINT, then drain: the port stays
+    open answering 503s while requests in flight finish, up to grace_period; then the groups stop."""
+    # access_log=None: the observe middleware writes its own line per request.
     # keepalive_timeout also closes a connection that never completes its request head (half-open, slowloris).
-    web.run_app(make_app(configs, settings), host=args.host, port=args.port, access_log=None,
-                handler_cancellation=True, keepalive_timeout=settings.idle_timeout,
-                print=lambda message: log.info("%s", message.strip()))
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=2.0,
+                           keepalive_timeout=settings.idle_timeout)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        log.info("Listening on http://%s:%d", host, port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        log.info("signal received: draining (grace period %.0f s)", settings.grace_period)
+        stop.clear()  # a second signal ends the grace period early
+        waits = [asyncio.create_task(app[DRAIN].drain(settings.grace_period)), asyncio.create_task(stop.wait())]
+        _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+    finally:
+        await runner.cleanup()  # closes the port, then stops every worker group
+    log.info("stopped")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tpserve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-store", type=Path, help="serve every model directory in this folder")
+    parser.add_argument("--model-store", type=Path, help="serve every model directory in this folder; "
+                        "POST /models may register more from it")
     parser.add_argument("-m", "--model", action="append", default=[], metavar="[NAME=]PATH",
                         help="serve this model directory (repeatable)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--grace-period", type=float, default=float(os.environ.get("TPSERVE_GRACE_PERIOD", 25)),
+                        help="seconds requests in flight get to finish after SIGTERM (env TPSERVE_GRACE_PERIOD; "
+                             "default 25, within Kubernetes' default terminationGracePeriodSeconds of 30)")
+    parser.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("TPSERVE_LOG_FORMAT", "text"),
+                        help="log lines as text or as JSON objects (env TPSERVE_LOG_FORMAT)")
+    parser.add_argument("--no-access-log", dest="access_log", action="store_false",
+                        default=os.environ.get("TPSERVE_ACCESS_LOG", "true").lower() != "false",
+                        help="no line per request (env TPSERVE_ACCESS_LOG=false)")
     defaults = ServerSettings()
     parser.add_argument("--api-key", default=None,
                         help=f"require 'Authorization: Bearer KEY' on every route but /ping and /health/* "

@@ -19,7 +19,8 @@ PROPERTIES_FILE = "serving.properties"
 BUILTIN_HANDLER = "handlers.text_generation"
 # DJL's own handler module names, which users' serving.properties may name as entryPoint.
 DJL_BUILTIN_ENTRY_POINTS = {"djl_python.deepspeed", "djl_python.huggingface", "djl_python.transformers_neuronx"}
-# DJL keys that tpserve accepts so existing files load, but does not act on (one worker group per model).
+# DJL keys that tpserve accepts so existing files load, but does not act on (a model starts with one worker
+# group; PUT /models/{m}?min_worker= scales it).
 IGNORED_DJL_KEYS = {
     "minWorkers", "maxWorkers", "gpu.minWorkers", "gpu.maxWorkers", "cpu.minWorkers", "cpu.maxWorkers",
     "load_on_devices", "required_memory_mb", "reserved_memory_mb", "log_model_metric", "metrics_aggregation",
@@ -51,6 +52,8 @@ class ModelConfig(BaseModel):
 
     name: str
     model_dir: Path
+    model_version: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    """This folder's version of the model (`/predictions/{name}/{version}`); default: `1`."""
     engine: Annotated[Literal["Python", "DeepSpeed", "MPI"], BeforeValidator(_lower_engine)] = "DeepSpeed"
     """Python: one plain process. DeepSpeed / MPI: `mpirun -np tensor_parallel_degree` ranks."""
     model_id: str | None = Field(None, alias="option.model_id")
@@ -128,6 +131,10 @@ class ModelConfig(BaseModel):
         return self.hang_timeout or self.predict_timeout + 30
 
     @property
+    def version(self) -> str:
+        return self.model_version or "1"
+
+    @property
     def uses_mpi(self) -> bool:
         return self.engine in ("DeepSpeed", "MPI")
 
@@ -159,14 +166,17 @@ class ModelConfig(BaseModel):
         return BUILTIN_HANDLER
 
 
-def load_model_config(model_dir: Path, name: str | None = None, environ: dict[str, str] | None = None) -> ModelConfig:
-    """Read model_dir/serving.properties, apply environment overrides, validate."""
+def load_model_config(model_dir: Path, name: str | None = None, environ: dict[str, str] | None = None,
+                      overrides: dict[str, str] | None = None) -> ModelConfig:
+    """Read model_dir/serving.properties, apply environment overrides, then `overrides` (a registration's
+    query parameters, as property keys), validate."""
     model_dir = Path(model_dir).resolve()
     if not model_dir.is_dir():
         raise ConfigError(f"{model_dir}: not a model directory")
     path = model_dir / PROPERTIES_FILE
     raw = read_properties(path) if path.exists() else {}
     raw.update(env_overrides(os.environ if environ is None else environ, raw))
+    raw.update(overrides or {})
     return build_config(raw, model_dir, name or model_dir.name, source=str(path))
 
 
@@ -259,3 +269,27 @@ def visible_accelerators() -> int:
     if visible is not None:
         return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
     return len([d for d in Path("/dev").glob("nvidia[0-9]*")])
+
+
+class ServerSettings(BaseModel):
+    """Settings of the server itself (not of a model): command-line flags, defaults from TPSERVE_* variables."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model_store: Path | None = None
+    """Folder the management API may register models from (POST /models?url=); none: registration refused."""
+    grace_period: float = Field(25.0, ge=0)
+    """Seconds requests in flight get to finish after SIGTERM before the groups stop. Fits Kubernetes' default
+    terminationGracePeriodSeconds (30) with time left to stop the ranks; raise both together."""
+    log_format: Literal["text", "json"] = "text"
+    access_log: bool = True
+    """One line per request (id, model, code, tokens, latencies); health probes and scrapes are not logged."""
+    api_key: str | None = None
+    """Bearer token every route but the health probes requires; None: no authentication."""
+    max_request_size: int = Field(4 * 1024 * 1024, ge=1)
+    """Largest request body in bytes; a larger one gets 413 before it is read."""
+    idle_timeout: float = Field(15.0, gt=0)
+    """Seconds a connection may sit without sending a complete request head (half-open, slow headers, idle
+    keep-alive) before it is closed."""
+    read_timeout: float = Field(60.0, gt=0)
+    """Seconds a client has to send its whole body once its headers arrived (408 after)."""

@@ -8,8 +8,11 @@ can be in flight on one socket. The kinds:
     request    {id, input}         response   {id, output}     the handler's Output for that request
     cancel     {id}                chunk      {id, data}       one streamed piece (Output.add_stream_content)
     heartbeat  {seq}               error      {id?, code, message}   id missing: the whole group failed
-    shutdown   {}                  heartbeat  {seq, progress, has_work}   progress: a counter of steps,
-                                                                chunks and units that must move while has_work
+    shutdown   {}                  heartbeat  {seq, progress, has_work, queued, engine?}  progress: a counter
+                                                of steps, chunks and units that must move while has_work;
+                                                engine: {running, waiting, kv_used_tokens, kv_total_tokens}
+                                   started    {ids}            rank 0 began work on these requests (queue wait)
+                                   progress   {stage}          optional, while loading (weights_loaded, ...)
 
 The same encoding is used for the units rank 0 broadcasts to the other ranks (`pack` / `unpack`).
 """

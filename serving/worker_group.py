@@ -59,8 +59,12 @@ class Pending:
 
 
 class WorkerGroup:
-    def __init__(self, config: ModelConfig, space: Namespace | None = None):
+    def __init__(self, config: ModelConfig, space: Namespace | None = None, devices: list[str] | None = None):
         self.config = config
+        self.devices = devices  # GPU ids for CUDA_VISIBLE_DEVICES when groups get their own GPUs; None: all
+        self.load_progress: dict[str, float] = {}  # load stage -> seconds since launch (launched, ranks_up, ...)
+        self.engine_stats: dict | None = None  # rank 0's heartbeat `engine` report, when its engine sends one
+        self.rank_queued = 0  # requests waiting on rank 0, from its heartbeat
         self.space = space or Namespace()
         self.state = State.LOADING
         self.error: str | None = None
@@ -88,6 +92,11 @@ class WorkerGroup:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def pid(self) -> int | None:
+        """mpirun's (or the single rank's) process id while the group runs."""
+        return self._process.pid if self._process is not None and self._process.returncode is None else None
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -130,6 +139,7 @@ class WorkerGroup:
         self.state, self.error, self.suspect, self._failed = State.LOADING, None, None, asyncio.Event()
         self._progress, self._has_work = -1, False
         started = time.monotonic()
+        self.load_progress = {"launched": 0.0}
         self._dir = self.space.group_dir(self.name)
         socket_path = str(self._dir / "rank0.sock")
         self._master_port = free_port()
@@ -137,7 +147,7 @@ class WorkerGroup:
         log.info("Loading model %s in %s.", self.name, mode)
         self._process = await asyncio.create_subprocess_exec(
             *launch_command(self.config, socket_path),
-            env=rank_environment(self._master_port, self.space, self._dir / "beat"),
+            env=rank_environment(self._master_port, self.space, self._dir / "beat", self.devices),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             start_new_session=True)  # its own process group, so the whole tree can be signalled
         namespace.record_group(self._dir, self._process.pid, self._master_port if self.config.uses_mpi else None)
@@ -146,9 +156,13 @@ class WorkerGroup:
         try:
             async with asyncio.timeout(self.config.model_loading_timeout):
                 reader = await self._connect(socket_path)
+                self.load_progress["ranks_up"] = time.monotonic() - started  # rank 0 listens once all ranks joined
                 self._send({"kind": "init", "properties": self.config.handler_properties(),
                             "entry_point": self.config.entry_point_module()})
                 frame = await read_frame(reader)
+                while frame["kind"] == "progress":  # optional load stages from rank 0 (weights_loaded, ...)
+                    self.load_progress[str(frame.get("stage"))] = time.monotonic() - started
+                    frame = await read_frame(reader)
         except TimeoutError:
             await self._kill()
             raise GroupUnavailable(f"model {self.name} did not load within option.model_loading_timeout="
@@ -161,6 +175,7 @@ class WorkerGroup:
             await self._kill()
             raise GroupUnavailable(f"model {self.name} failed to load: {frame.get('message')}")
         self.loaded_in = time.monotonic() - started
+        self.load_progress["ready"] = self.loaded_in
         self._last_heartbeat = self._progress_at = self._ready_at = time.monotonic()
         self.state = State.READY
         self._tasks += [asyncio.create_task(self._read_frames(reader)), asyncio.create_task(self._watch())]
@@ -219,6 +234,10 @@ class WorkerGroup:
                 kind = frame["kind"]
                 if kind == "heartbeat":
                     self._on_heartbeat(frame)
+                elif kind == "started":  # rank 0 began a unit of these requests: the front end times queue wait
+                    for rid in frame.get("ids", ()):
+                        if rid in self.requests:
+                            self.requests[rid].frames.put_nowait(frame)
                 elif "id" in frame:
                     pending = self.requests.get(frame["id"])
                     if pending is None:
@@ -240,6 +259,7 @@ class WorkerGroup:
         if progress != self._progress or not (has_work or self._has_work):
             self._progress, self._progress_at = progress, now
         self._has_work = has_work
+        self.rank_queued, self.engine_stats = frame.get("queued", 0), frame.get("engine")
 
     async def _watch(self) -> None:
         """Heartbeats out; a dead, stopped, silent or stalled group is failed, a late one suspected."""
@@ -367,8 +387,11 @@ def launch_command(config: ModelConfig, socket_path: str) -> list[str]:
     return command + rank
 
 
-def rank_environment(master_port: int, space: Namespace, beat_dir: Path) -> dict[str, str]:
+def rank_environment(master_port: int, space: Namespace, beat_dir: Path,
+                     devices: list[str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
     bin_dir = os.path.dirname(sys.executable)
     env.update(
         PATH=bin_dir + os.pathsep + env.get("PATH", ""),  # the venv's mpirun, when Open MPI came from PyPI

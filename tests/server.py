@@ -39,6 +39,12 @@ class Server:
     def get(self, path: str, **kwargs) -> requests.Response:
         return requests.get(self.url(path), timeout=kwargs.pop("timeout", 30), **kwargs)
 
+    def put(self, path: str, **kwargs) -> requests.Response:
+        return requests.put(self.url(path), timeout=kwargs.pop("timeout", 120), **kwargs)
+
+    def delete(self, path: str, **kwargs) -> requests.Response:
+        return requests.delete(self.url(path), timeout=kwargs.pop("timeout", 120), **kwargs)
+
     def wait_for_models(self, timeout: float = 300) -> dict[str, dict]:
         """Until every model has left LOADING (READY or FAILED); returns their summaries by name."""
         deadline = time.monotonic() + timeout

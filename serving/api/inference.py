@@ -1,4 +1,4 @@
-"""POST /predictions/{model} and POST /invocations: relay the body to the model's ranks, relay the answer.
+"""POST /predictions/{model}[/{version}] and POST /invocations: relay the body to the model's ranks, relay the answer.
 
 The front end checks what it can without the model (a JSON body that does not parse: 400; for the
 built-in handler, LMI parameters against the schema: 422 naming the field) and queues the rest. When the
@@ -12,9 +12,8 @@ from pydantic import ValidationError
 from serving.api.dispatch import DispatchError, dispatch
 from serving.api.errors import error_response
 from serving.config import BUILTIN_HANDLER
-from serving.registry import REGISTRY, UnknownModel
+from serving.registry import REGISTRY, ModelVersion, UnknownModel
 from serving.schemas import GenerateRequest
-from serving.worker_group import WorkerGroup
 
 routes = web.RouteTableDef()
 UNION_BRANCHES = {"str", "list[str]", "list[ChatMessage]", "int", "float", "bool", "none", "constrained-str",
@@ -24,6 +23,12 @@ UNION_BRANCHES = {"str", "list[str]", "list[ChatMessage]", "int", "float", "bool
 @routes.post("/predictions/{model}")
 async def predictions(request: web.Request) -> web.StreamResponse:
     return await _infer(request, lambda registry: registry.get(request.match_info["model"]))
+
+
+@routes.post("/predictions/{model}/{version}")
+async def predictions_of_version(request: web.Request) -> web.StreamResponse:
+    return await _infer(request, lambda registry: registry.get(request.match_info["model"],
+                                                               request.match_info["version"]))
 
 
 @routes.post("/invocations")
@@ -61,12 +66,12 @@ async def _infer(request: web.Request, pick) -> web.StreamResponse:
     return stream
 
 
-def wants_sse(request: web.Request, group: WorkerGroup) -> bool:
+def wants_sse(request: web.Request, group: ModelVersion) -> bool:
     return ("text/event-stream" in request.headers.get("Accept", "")
             or group.config.options.get("output_formatter") == "sse")
 
 
-async def start_stream(request: web.Request, group: WorkerGroup, properties: dict) -> web.StreamResponse:
+async def start_stream(request: web.Request, group: ModelVersion, properties: dict) -> web.StreamResponse:
     sse = wants_sse(request, group)
     content_type = "text/event-stream" if sse else properties.get("content-type", "application/jsonlines")
     stream = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
@@ -93,7 +98,7 @@ async def finish_with_error(stream: web.StreamResponse | None, code: int, messag
     return stream
 
 
-def check_body(group: WorkerGroup, content_type: str, body: bytes) -> web.Response | None:
+def check_body(group: ModelVersion, content_type: str, body: bytes) -> web.Response | None:
     """What the front end can refuse without the model: unparsable JSON, and bad LMI parameters."""
     if content_type != "application/json":
         if not body:

@@ -49,23 +49,50 @@ def get_operation(summary: str, parameters: list[dict] | None = None) -> dict:
                                   "default": {"description": "error", **json_body({"type": "object"})}}}}
 
 
+def management_operation(method: str, summary: str, parameters: list[dict] | None = None) -> dict:
+    """A change to what is served: from loopback, or with Authorization: Bearer $TPSERVE_API_KEY."""
+    return {method: {"summary": summary, "parameters": parameters or [],
+                     "responses": {"200": {"description": "done", **json_body({"type": "object"})},
+                                   "202": {"description": "scheduled (synchronous=false)"},
+                                   **{code: {"description": text, **json_body(ref(ErrorBody))} for code, text in
+                                      {"400": "bad parameter or url", "401": "token missing or wrong",
+                                       "403": "not from loopback", "404": "unknown model or version",
+                                       "409": "exists already, or not enough GPUs",
+                                       "503": "the server is draining"}.items()}}}}
+
+
 def build_document() -> dict:
     _, definitions = models_json_schema([(model, "validation") for model in MODELS],
                                         ref_template="#/components/schemas/{model}")
     model_path = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
+    version_path = [{"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}]
     model_query = [{"name": "model_name", "in": "query", "required": False, "schema": {"type": "string"}}]
     return {
         "openapi": "3.1.0",
         "info": {"title": "tpserve", "version": "0.1.0"},
         "paths": {
             "/predictions/{model}": inference_operation("Generate with a model (DJL/LMI body or text)", model_path),
+            "/predictions/{model}/{version}": inference_operation("Generate with one version of a model",
+                                                                  model_path + version_path),
             "/invocations": inference_operation("Generate with the only model, or ?model_name=", model_query),
             "/v1/completions": openai_operation("OpenAI completions", CompletionRequest),
             "/v1/chat/completions": openai_operation("OpenAI chat completions", ChatCompletionRequest),
             "/v1/models": get_operation("OpenAI model list"),
-            "/ping": get_operation("200 when every model is ready, else 503"),
-            "/models": get_operation("served models and their states"),
-            "/models/{model}": get_operation("one model's state and configuration", model_path),
+            "/ping": get_operation("200 when every model is ready, else 503 (DJL's shape)"),
+            "/health/live": get_operation("200 while the front end serves HTTP"),
+            "/health/ready": get_operation("200 when every model is ready and the server is not draining; else 503 "
+                                           "with each worker group's state and load progress"),
+            "/metrics": get_operation("Prometheus exposition (text/plain)"),
+            "/models": {**get_operation("served model versions, paginated (limit, next_page_token)"),
+                        **management_operation("post", "register a model folder from the model store (url, "
+                                               "model_name, model_version, tensor_parallel_degree, min_worker, ...)")},
+            "/models/{model}": {**get_operation("one model's default version, with the list of versions", model_path),
+                                **management_operation("put", "scale to min_worker worker groups", model_path),
+                                **management_operation("delete", "drain and unregister every version", model_path)},
+            "/models/{model}/{version}": {
+                **get_operation("one version's state and configuration", model_path + version_path),
+                **management_operation("put", "scale this version", model_path + version_path),
+                **management_operation("delete", "drain and unregister this version", model_path + version_path)},
         },
         "components": {"schemas": definitions["$defs"]},
     }

@@ -147,6 +147,13 @@ class EngineLoop:
         self.stopping = False
         # the intake thread tokenises with its own copy: a fast tokenizer used from two threads at once can fail
         self.intake_tokenizer = copy.deepcopy(engine.tokenizer)
+        relay.engine_stats = self.stats
+
+    def stats(self) -> dict:
+        """Occupancy for rank 0's heartbeats (the front end exports it as gauges); read from the reader thread."""
+        running = list(self.scheduler.running)
+        return {"running": len(running), "waiting": len(self.scheduler.waiting) + len(self.inbox),
+                "kv_used_tokens": sum(row.cached for row in running), "kv_total_tokens": self.engine.cache.tokens}
 
     def run(self) -> None:
         """Until the front end sends a control frame (shutdown); the relay handles it."""
@@ -212,6 +219,9 @@ class EngineLoop:
         plan, kept = self.scheduler.schedule()
         if not plan.n_tokens:
             return
+        admitted = {self.scheduler.row_in(chunk.slot).request.id for chunk in plan.prefill if chunk.start == 0}
+        if admitted:  # the front end measures queue wait and batch occupancy from it
+            self.relay.send_frames([{"kind": "started", "ids": sorted(admitted)}])
         self.relay.busy_since = self.relay.busy_since or time.monotonic()  # has work: the watchdog looks
         self.relay.comm.broadcast({"kind": "step", "plan": plan.pack()})
         logits = self.engine.step(plan)
@@ -275,7 +285,9 @@ class EngineLoop:
             body = [row.sequence.result(request.params.return_full_text).model_dump(exclude_none=True)
                     for row in request.rows]
             output.add_as_json(body if request.as_list else body[0])
-        return {"kind": "response", "id": request.id, "output": output.for_item(0, 1)}
+        usage = {"prompt_tokens": sum(len(row.prompt_ids) for row in request.rows),
+                 "generated_tokens": sum(len(row.sequence.ids) for row in request.rows)}
+        return {"kind": "response", "id": request.id, "output": output.for_item(0, 1), "usage": usage}
 
     def _drop(self, request: Request, reason: str) -> None:
         for row in request.rows:

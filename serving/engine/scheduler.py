@@ -86,6 +86,9 @@ class Scheduler:
             self.running.append(row)
             yield row
 
+    def row_in(self, slot: int) -> Row:
+        return next(row for row in self.running if row.slot == slot)
+
     def release(self, row: Row) -> None:
         """The row is finished: its slot is free for the next step."""
         if row.slot is not None:

@@ -5,9 +5,7 @@ Maps Open MPI's environment to the names torch.distributed and DeepSpeed read, j
 rank follows rank 0's broadcasts.
 """
 import argparse
-import logging
 import os
-import sys
 
 from serving.rank import beat
 
@@ -21,8 +19,8 @@ def main(argv=None) -> None:
     map_mpi_environment()
     rank = int(os.environ.get("RANK", 0))
     beat.start(rank)  # from the first moment, so a rank that stalls even while loading is seen
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
-                        format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
+    from serving.logs import configure  # every line a request causes carries its X-Request-Id
+    configure("text", f"%(asctime)s %(levelname)s rank{rank} %(name)s%(request_tag)s: %(message)s")
 
     from serving.rank.comm import MpiComm, SoloComm
     from serving.rank.relay import Relay, follow

@@ -19,6 +19,7 @@ import threading
 import time
 
 from serving.engine.plan import StepPlan
+from serving.logs import REQUEST_ID
 from serving.protocol import encode, recv_frame
 from serving.rank.worker import HandlerError, Worker, encode_chunk
 
@@ -35,6 +36,7 @@ class Relay:
         self.pending: collections.OrderedDict[int, dict] = collections.OrderedDict()
         self.cancelled: set[int] = set()
         self.busy_since: float | None = None
+        self.engine_stats = None  # the engine's occupancy for heartbeats: a callable returning a dict
         self.progress = 0  # steps, chunks and units done; the front end's watchdog wants it to move
         self.batch_size = 1
         self.max_batch_delay = 0.0
@@ -68,6 +70,7 @@ class Relay:
                 self.busy_since = None
                 self.cancelled.clear()
             self.note_progress()
+            REQUEST_ID.set(None)  # lines after the unit belong to no request
 
     def _load(self, unit: dict) -> None:
         props = unit["properties"]
@@ -82,6 +85,7 @@ class Relay:
 
     def _run(self, unit: dict) -> None:
         ids = [item["id"] for item in unit["items"]]
+        self._send({"kind": "started", "ids": ids})  # the front end measures queue wait and batch occupancy
         try:
             output, stream = self.worker.run(unit, self._is_cancelled, self._send_chunk)
             for index, chunk in enumerate(stream or ()):
@@ -159,8 +163,11 @@ class Relay:
             if kind == "heartbeat":
                 with self.cond:
                     has_work = bool(self.busy_since is not None or self.pending or self.control)
-                self._send({"kind": "heartbeat", "seq": frame.get("seq", 0), "progress": self.progress,
-                            "has_work": has_work, "queued": len(self.pending)})
+                beat = {"kind": "heartbeat", "seq": frame.get("seq", 0), "progress": self.progress,
+                        "has_work": has_work, "queued": len(self.pending)}
+                if self.engine_stats is not None:
+                    beat["engine"] = self.engine_stats()
+                self._send(beat)
                 continue
             with self.cond:
                 if kind == "request":
@@ -207,6 +214,7 @@ def follow(comm, worker: Worker) -> None:
                 pass
         except Exception:  # rank 0 reports the failure; a diverged rank is caught by the front end's watchdog
             log.exception("rank %d: unit failed", comm.rank)
+        REQUEST_ID.set(None)
 
 
 def remove_stale_socket(path: str) -> None:

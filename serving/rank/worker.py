@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from serving.logs import REQUEST_ID
 from serving.rank.hints import explain
 from serving.rank.inputs import Input
 from serving.rank.outputs import Output
@@ -60,6 +61,8 @@ class Worker:
         `cancelled(id)` tells whether a request's client left; `write_chunk(id, data)` streams to it now."""
         seed_everything(unit["seed"])
         items = unit["items"]
+        # this unit's request ids (X-Request-Id) on every line logged on this rank until the next unit
+        REQUEST_ID.set(",".join(str(item["input"]["properties"].get("x-request-id", item["id"])) for item in items))
         push = write_chunk or (lambda rid, data: None)
         inputs = [Input({**item["input"]["properties"], **self.properties}, item["input"]["content"],
                         cancelled=lambda rid=item["id"]: cancelled(rid),
