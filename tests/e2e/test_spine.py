@@ -212,7 +212,8 @@ def test_idle_server_uses_almost_no_cpu(server):
     front_end = psutil.Process(server.process.pid)
     procs = [front_end] + server.descendants()
     ranks = [p for p in procs if p.cmdline()[1:3] == ["-m", "serving.rank"]]
-    assert len(ranks) == 13  # smollm2 x2, smollm2_tp1, article x2, probes x5, faulty x2, echo_batched
+    # smollm2 x2, smollm2_tp1, article x2, probes x5, llama_tp2 x2, smollm2_sequential, faulty x2, echo_batched
+    assert len(ranks) == 16
     demo_mpirun = next(p for p in front_end.children() if "tpserve-smollm2-" in " ".join(p.cmdline()))
     demo = [front_end, demo_mpirun] + demo_mpirun.children(recursive=True)
     assert len([p for p in demo if p in ranks]) == 2
