@@ -1,4 +1,5 @@
 """The article's workflow end to end: a real tpserve process, real mpirun, SmolLM2 split over 2 ranks."""
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -214,7 +215,8 @@ def test_idle_server_uses_almost_no_cpu(server):
     ranks = [p for p in procs if p.cmdline()[1:3] == ["-m", "serving.rank"]]
     # smollm2 x2, smollm2_tp1, article x2, probes x5, llama_tp2 x2, smollm2_sequential, faulty x2, echo_batched
     assert len(ranks) == 16
-    demo_mpirun = next(p for p in front_end.children() if "tpserve-smollm2-" in " ".join(p.cmdline()))
+    # its rank 0 socket lies in the group's folder of this instance's namespace: /tmp/tpserve-<pid>/smollm2-<n>/
+    demo_mpirun = next(p for p in front_end.children() if re.search(r"/smollm2-\d+/rank0\.sock", " ".join(p.cmdline())))
     demo = [front_end, demo_mpirun] + demo_mpirun.children(recursive=True)
     assert len([p for p in demo if p in ranks]) == 2
     before, started = cpu_seconds(procs), time.monotonic()
