@@ -76,7 +76,8 @@ class Relay:
         props = unit["properties"]
         self.batch_size = int(props.get("batch_size", 1))
         self.max_batch_delay = int(props.get("max_batch_delay", 0)) / 1000
-        errors = self.comm.gather(self.worker.load(unit))
+        # rank 0's load stages go to the front end as they end (/health/ready shows them with their times)
+        errors = self.comm.gather(self.worker.load(unit, lambda stage: self._send({"kind": "progress", "stage": stage})))
         failed = [f"rank {rank}: {error}" for rank, error in enumerate(errors) if error]
         if failed:
             self._send({"kind": "error", "code": 500, "message": "; ".join(failed)})

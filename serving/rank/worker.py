@@ -32,9 +32,10 @@ class Worker:
         self.handle: Callable[[Input], Output | None] | None = None
         self.engine = None  # the handler's rolling-batch engine, when it offers one
 
-    def load(self, unit: dict) -> str | None:
+    def load(self, unit: dict, on_stage: Callable[[str], None] = lambda stage: None) -> str | None:
         """Import the entry point and warm it up with an empty Input (DJL's initialisation call, where
-        handlers written like the article's load their model). Returns an error message, or None."""
+        handlers written like the article's load their model). Returns an error message, or None.
+        `on_stage` hears each load stage as it ends ("model_loaded", then "engine_ready" with an engine)."""
         self.properties = unit["properties"]
         started = time.monotonic()
         log.info("rank[%d] start load model %s", self.rank, self.properties.get("model_id"))
@@ -44,10 +45,13 @@ class Worker:
             if not callable(self.handle):
                 return f"entry point {unit['entry_point']} has no handle(inputs) function"
             self.handle(Input(self.properties))
+            on_stage("model_loaded")
             # A handler that can batch at the step level offers `rolling_batch_engine(properties)`: an engine
             # object, or None when option.rolling_batch=disable (or the model cannot run in it).
             make_engine = getattr(module, "rolling_batch_engine", None)
             self.engine = make_engine(self.properties) if callable(make_engine) else None
+            if self.engine is not None:
+                on_stage("engine_ready")  # KV cache allocated, warm-up step run
         except BaseException as exc:  # noqa: BLE001 - any failure, even SystemExit, must reach the front end
             log.exception("rank[%d] failed to load the model", self.rank)
             return explain(exc)
