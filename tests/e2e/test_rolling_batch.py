@@ -69,3 +69,12 @@ def test_a_late_request_streams_its_first_token_before_the_running_one_ends(serv
             assert not done.is_set(), "the short request waited for the running one to finish"
             assert json.loads(first)["token"]["text"] is not None
         assert len(long.result()) == 80
+
+
+def test_readiness_shows_the_engine_load_stages_in_order(server):
+    models = server.get("/health/ready").json()["models"]
+    stages = models["smollm2"]["1"]["workerGroups"][0]["progress"]
+    assert list(stages) == ["launched", "ranks_up", "model_loaded", "engine_ready", "ready"]
+    assert sorted(stages.values()) == list(stages.values())
+    custom = models["article"]["1"]["workerGroups"][0]["progress"]
+    assert "model_loaded" in custom and "engine_ready" not in custom  # a custom handler has no engine
