@@ -133,7 +133,8 @@ def summary(request: web.Request, entry: ModelVersion) -> dict:
             "modelUrl": str(entry.config.model_dir), "state": entry.state, "engine": entry.config.engine,
             "tensor_parallel_degree": entry.config.world_size, "workers": len(entry.groups),
             "maxWorkers": entry.max_workers, "loaded_in_ms": round(loaded[0] * 1000) if loaded else None,
-            "restarts": entry.restarts, "queued": sum(len(group.requests) for group in entry.groups),
+            "restarts": entry.restarts, "consecutive_failures": max((g.failures for g in entry.groups), default=0),
+            "suspect": entry.suspect, "queued": sum(len(group.requests) for group in entry.groups),
             "error": entry.error}
 
 
