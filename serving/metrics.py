@@ -28,7 +28,7 @@ REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0,
                    45.0, 60.0, 120.0, 300.0)
 QUEUE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
-STATES = ("LOADING", "READY", "FAILED", "STOPPED")
+STATES = ("LOADING", "READY", "RESTARTING", "FAILED", "STOPPED")
 USAGE_PARSE_LIMIT = 1 << 20  # bodies larger than this are not parsed for token counts
 
 

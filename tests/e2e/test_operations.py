@@ -113,7 +113,9 @@ def test_batch_occupancy_and_gauges(server):
     assert value(after, "tpserve_draining") == 0
     names = {name for name, _ in after}
     assert not any(name.startswith(("tpserve_gpu_", "tpserve_rank_gpu_")) for name in names), "no GPU here: no NVML metrics"
-    assert "tpserve_kv_cache_used_tokens" not in names  # this engine reports no KV cache
+    # the rolling-batch engine reports its KV cache through rank 0's heartbeats; a custom handler has none
+    assert value(after, "tpserve_kv_cache_total_tokens", model="smollm2", version="1", group="0") > 0
+    assert not any(dict(labels).get("model") == "echo_batched" for name, labels in after if name.startswith("tpserve_kv_"))
 
 
 def test_request_id_is_accepted_or_generated(server):
