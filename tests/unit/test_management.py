@@ -7,6 +7,7 @@ import logging
 from unittest import mock
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from serving.api.auth import API_KEY
@@ -39,10 +40,13 @@ def test_urls_outside_the_store_or_elsewhere_are_refused(store, url):
         resolve_in_store(store, url.replace("/STORE", str(store)))
 
 
-def request_from(address: str, headers: dict | None = None):
+def request_from(address: str, headers: dict | None = None, api_key: str | None = None):
     transport = mock.Mock()
     transport.get_extra_info.side_effect = lambda name, default=None: (address, 40000) if name == "peername" else default
-    return make_mocked_request("POST", "/models", headers=headers or {}, transport=transport)
+    app = web.Application()
+    if api_key:
+        app[API_KEY] = api_key
+    return make_mocked_request("POST", "/models", headers=headers or {}, transport=transport, app=app)
 
 
 def test_changes_from_loopback_only_unless_the_server_has_an_api_key():
@@ -50,9 +54,7 @@ def test_changes_from_loopback_only_unless_the_server_has_an_api_key():
     assert change_refused(request_from("::1")) is None
     assert change_refused(request_from("10.1.2.3")).status == 403
     # with a key, the auth middleware (serving/api/auth.py) has checked the caller's token already
-    keyed = request_from("10.1.2.3")
-    keyed.app[API_KEY] = "s3cret"
-    assert change_refused(keyed) is None
+    assert change_refused(request_from("10.1.2.3", api_key="s3cret")) is None
 
 
 def model(tmp_path, name, version=None, engine="Python"):
