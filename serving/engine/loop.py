@@ -184,7 +184,7 @@ class EngineLoop:
                 cancelled = self._take_cancels()
                 if arrived or cancelled or self.scheduler.has_work():
                     break
-                relay.busy_since = None
+                relay.working = False
                 relay.cond.wait(IDLE_WAIT)
         for request in arrived:
             self.requests[request.id] = request
@@ -222,7 +222,7 @@ class EngineLoop:
         admitted = {self.scheduler.row_in(chunk.slot).request.id for chunk in plan.prefill if chunk.start == 0}
         if admitted:  # the front end measures queue wait and batch occupancy from it
             self.relay.send_frames([{"kind": "started", "ids": sorted(admitted)}])
-        self.relay.busy_since = self.relay.busy_since or time.monotonic()  # has work: the watchdog looks
+        self.relay.working = True  # has work: the watchdog expects progress
         self.relay.comm.broadcast({"kind": "step", "plan": plan.pack()})
         logits = self.engine.step(plan)
         frames = self._consume(kept, logits)

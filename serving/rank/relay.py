@@ -35,7 +35,7 @@ class Relay:
         self.control: collections.deque[dict] = collections.deque()
         self.pending: collections.OrderedDict[int, dict] = collections.OrderedDict()
         self.cancelled: set[int] = set()
-        self.busy_since: float | None = None
+        self.working = False  # a unit or an engine step is under way (heartbeats report has_work)
         self.engine_stats = None  # the engine's occupancy for heartbeats: a callable returning a dict
         self.progress = 0  # steps, chunks and units done; the front end's watchdog wants it to move
         self.batch_size = 1
@@ -67,7 +67,7 @@ class Relay:
             else:
                 self._run(unit)
             with self.cond:
-                self.busy_since = None
+                self.working = False
                 self.cancelled.clear()
             self.note_progress()
             REQUEST_ID.set(None)  # lines after the unit belong to no request
@@ -109,7 +109,7 @@ class Relay:
                 self.cond.wait()
             if self.control:
                 unit = self.control.popleft()
-                self.busy_since = time.monotonic()
+                self.working = True
                 return unit
             if self.batch_size > 1:
                 deadline = time.monotonic() + self.max_batch_delay
@@ -120,7 +120,7 @@ class Relay:
             count = min(self.batch_size, len(self.pending))
             items = [{"id": rid, "input": frame["input"]}
                      for rid, frame in (self.pending.popitem(last=False) for _ in range(count))]
-            self.busy_since = time.monotonic()
+            self.working = True
             # rank 0 picks the seed so that every rank samples the same tokens
             return {"kind": "batch", "seed": random.getrandbits(63), "items": items}
 
@@ -163,7 +163,7 @@ class Relay:
             kind = frame["kind"]
             if kind == "heartbeat":
                 with self.cond:
-                    has_work = bool(self.busy_since is not None or self.pending or self.control)
+                    has_work = bool(self.working or self.pending or self.control)
                 beat = {"kind": "heartbeat", "seq": frame.get("seq", 0), "progress": self.progress,
                         "has_work": has_work, "queued": len(self.pending)}
                 if self.engine_stats is not None:
