@@ -158,13 +158,7 @@ class Steps(StoppingCriteria):
     def _finish_reason(self, sequence: Sequence, token: int) -> str | None:
         if self.agreement.stopped:
             return "cancelled"
-        if token in self.eos and len(sequence.ids) >= self.params.min_new_tokens:
-            return "eos_token"
-        if sequence.stop_matched():
-            return "stop_sequence"
-        if len(sequence.ids) >= self.params.max_new_tokens:
-            return "length"
-        return None
+        return sequence.finish_reason(token, self.eos)
 
 
 # --- the DJL handler contract ------------------------------------------------------------------------

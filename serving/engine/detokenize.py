@@ -62,8 +62,16 @@ class Sequence:
         self.sent = len(self.text)
         return rest
 
-    def stop_matched(self) -> bool:
-        return self._stop_cut() is not None
+    def finish_reason(self, token: int, eos: set[int]) -> str | None:
+        """Why the sequence ends with `token` (just added), or None: end of sequence once min_new_tokens were
+        generated, a complete stop sequence, or max_new_tokens."""
+        if token in eos and len(self.ids) >= self.params.min_new_tokens:
+            return "eos_token"
+        if self._stop_cut() is not None:
+            return "stop_sequence"
+        if len(self.ids) >= self.params.max_new_tokens:
+            return "length"
+        return None
 
     def _stop_cut(self) -> int | None:
         """Where the text ends at the earliest complete stop sequence (after it, or before it when the stop

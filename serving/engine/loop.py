@@ -234,10 +234,12 @@ class EngineLoop:
         send (chunks and answers)."""
         frames: list[dict] = []
         sampled = [i for i, k in enumerate(kept) if k.prompt_index is None and not k.row.done]
-        for i, k in enumerate(kept):
-            if k.prompt_index is not None:
-                row = k.row
-                row.prompt_log_probs.append(torch.log_softmax(logits[i], -1)[row.prompt_ids[k.prompt_index]].item())
+        prompt = [i for i, k in enumerate(kept) if k.prompt_index is not None]
+        if prompt:  # decoder_input_details: one log-softmax over every prompt position kept this step
+            targets = torch.tensor([kept[i].row.prompt_ids[kept[i].prompt_index] for i in prompt], device=logits.device)
+            values = torch.log_softmax(logits[prompt], -1).gather(1, targets[:, None])[:, 0].tolist()
+            for i, value in zip(prompt, values):
+                kept[i].row.prompt_log_probs.append(value)
         rows = [kept[i].row for i in sampled]
         draws = sample(logits[sampled], [SamplingRow(row.request.params, row.generator, lambda row=row: row.history,
                                                      len(row.sequence.ids), self.engine.eos) for row in rows])
@@ -269,14 +271,10 @@ class EngineLoop:
             frames.append(self._answer(request))
 
     def _finish_reason(self, row: Row, token: int) -> str | None:
-        params, sequence = row.request.params, row.sequence
-        if token in self.engine.eos and len(sequence.ids) >= params.min_new_tokens:
-            return "eos_token"
-        if sequence.stop_matched():
-            return "stop_sequence"
-        if len(sequence.ids) >= params.max_new_tokens or row.cached >= self.engine.max_len:
-            return "length"
-        return None
+        reason = row.sequence.finish_reason(token, self.engine.eos)
+        if reason is None and row.cached >= self.engine.max_len:
+            return "length"  # no room left in the row's slot to feed this token
+        return reason
 
     def _answer(self, request: Request) -> dict:
         del self.requests[request.id]
