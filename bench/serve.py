@@ -13,6 +13,7 @@ Markdown table; the JSON report has `card`, `commit`, `model` and `rows` (see be
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import subprocess
@@ -241,7 +242,7 @@ def describe_model(model_dir: Path | None, dtype: str) -> dict:
     for path in Path(model_dir).glob("*.safetensors"):
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
-                params += _numel(f.get_slice(key).get_shape())
+                params += math.prod(f.get_slice(key).get_shape())
     size = {"fp16": 2, "bf16": 2, "fp32": 4}[dtype]
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -250,13 +251,6 @@ def describe_model(model_dir: Path | None, dtype: str) -> dict:
             "layers": config.num_hidden_layers, "hidden": config.hidden_size, "heads": heads, "kv_heads": kv_heads,
             "vocab": config.vocab_size, "dtype": dtype, "params": params, "weight_bytes": params * size,
             "kv_bytes_per_token": 2 * config.num_hidden_layers * kv_heads * head_dim * size}
-
-
-def _numel(shape) -> int:
-    total = 1
-    for n in shape:
-        total *= n
-    return total
 
 
 def card() -> str:
