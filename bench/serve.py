@@ -3,8 +3,13 @@ on the same card and requests, and the workload's roofline bound beside each row
 
     python -m bench.serve --model-dir M [--tp 1 --tp 2] [--concurrency 1 --concurrency 64] \
         [--requests 64] [--prompt-len 32:512] [--output-len 128] [--rate R] [--property key=value ...] \
-        [--baselines] [--out bench/reports/NAME.json]
+        [--probe 512:16 ...] [--eager] [--baselines] [--out bench/reports/NAME.json]
     python -m bench.serve --url http://host:port/predictions/m ...     # a server that is already running
+
+`--probe P:O` adds a row per TP of 8 requests one at a time, P prompt tokens and O output tokens each (batch-1
+time per token, time to first token of a long prompt). `--eager` also serves each TP with
+option.enable_cuda_graph=false: its greedy tokens must equal the captured path's (`graph_equals_eager`), and its
+probes and first concurrency level are measured as "tpserve eager", beside the ready time of both.
 
 Prompts are random sequences of common words, one token each with the model's tokenizer (so a prompt of N words
 is N tokens), with ids inside the model's vocabulary. Output lengths are forced (min_new_tokens). Prints one
@@ -57,6 +62,9 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="fp16")
     parser.add_argument("--property", action="append", default=[], help="extra serving.properties key=value")
     parser.add_argument("--baselines", action="store_true", help="also run the in-process transformers baselines")
+    parser.add_argument("--probe", action="append", default=[], help="PROMPT:OUTPUT tokens, one request at a time")
+    parser.add_argument("--eager", action="store_true", help="also serve with option.enable_cuda_graph=false")
+    parser.add_argument("--only-baselines", action="store_true", help="run the baselines and no server")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     args = parser.parse_args(argv)
@@ -77,22 +85,50 @@ def main(argv=None) -> None:
         for c in levels:
             rows.append(measure(args.url, "tpserve", None, c, workloads[c], args, hw, report["model"]))
     else:
-        for tp in args.tp or [1]:
-            with served(args.model_dir, tp, args) as url:
-                report.setdefault("greedy_ids", {})[f"tpserve TP={tp}"] = greedy_ids(url, workloads[levels[0]])
-                for c in levels:
-                    rows.append(measure(url, "tpserve", tp, c, workloads[c], args, hw, report["model"]))
-                    print(json.dumps(rows[-1]), flush=True)
+        probes = {p: make_prompts(tokenizer_dir, 8, p.split(":")[0], args.seed) for p in args.probe}
+        for tp in [] if args.only_baselines else args.tp or [1]:
+            for eager in ([False, True] if args.eager else [False]):
+                path = "tpserve eager" if eager else "tpserve"
+                try:
+                    measure_server(args, tp, path, eager, levels, workloads, probes, hw, report)
+                except Exception as exc:  # noqa: BLE001 - one server that fails is reported; the others still run
+                    print(f"{path} TP={tp} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                    report.setdefault("servers", {})[f"{path} TP={tp}"] = {"error": f"{type(exc).__name__}: {exc}"}
         greedy = report.get("greedy_ids", {})
         report["greedy_ids_equal"] = len({json.dumps(ids) for ids in greedy.values()}) <= 1
-        if args.baselines:
+        report["graph_equals_eager"] = {
+            f"TP={tp}": f"tpserve TP={tp}" in greedy and greedy[f"tpserve TP={tp}"] == greedy.get(f"tpserve eager TP={tp}")
+            for tp in args.tp or [1]} if args.eager else None
+        if args.baselines or args.only_baselines:
             rows += run_baselines(args, levels, workloads, hw, report["model"])
     print_table(report)
     if "greedy_ids_equal" in report:
         print(f"greedy ids ({', '.join(report['greedy_ids'])}) equal: {report['greedy_ids_equal']}")
+        print(f"captured path's greedy ids equal the eager path's: {report['graph_equals_eager']}")
+        for name, server in report.get("servers", {}).items():
+            if "error" in server:
+                print(f"{name}: {server['error']}")
+            else:
+                print(f"{name}: ready in {server['ready_s']:.1f} s, GPU memory {server['gpu_memory_mib']} MiB")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))
+
+
+def measure_server(args, tp: int, path: str, eager: bool, levels, workloads, probes, hw, report) -> None:
+    rows = report["rows"]
+    extra = ["option.enable_cuda_graph=false"] if eager else []
+    with served(args.model_dir, tp, args, extra) as (url, server):
+        report.setdefault("servers", {})[f"{path} TP={tp}"] = server
+        report.setdefault("greedy_ids", {})[f"{path} TP={tp}"] = greedy_ids(url, workloads[levels[0]], 4)
+        for probe, workload in probes.items():
+            row = measure(url, f"{path} probe {probe}", tp, 1, workload[:4] if eager else workload, args, hw,
+                          report["model"], int(probe.split(":")[1]))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        for c in [] if eager else levels:
+            rows.append(measure(url, path, tp, c, workloads[c], args, hw, report["model"]))
+            print(json.dumps(rows[-1]), flush=True)
 
 
 def requests_for(concurrency: int, requested: int | None) -> int:
@@ -118,15 +154,17 @@ def make_prompts(tokenizer_dir, count: int, lengths: str, seed: int) -> list[tup
     return prompts
 
 
-def measure(url: str, path: str, tp: int | None, concurrency: int, workload, args, hw, model) -> dict:
+def measure(url: str, path: str, tp: int | None, concurrency: int, workload, args, hw, model,
+            output_len: int | None = None) -> dict:
+    output_len = output_len or args.output_len
     texts = [text for text, _ in workload]
     asyncio.run(run_load(url, texts[:1], 2, 1))  # warm-up
-    timings, duration = asyncio.run(run_load(url, texts, args.output_len, concurrency, args.rate, args.seed))
+    timings, duration = asyncio.run(run_load(url, texts, output_len, concurrency, args.rate, args.seed))
     row = {"path": path, "tp": tp, "concurrency": concurrency, **summarize(timings, duration)}
     first_error = next((t.error for t in timings if t.error), None)
     if first_error:
         row["first_error"] = first_error
-    return add_bounds(row, hw, model, [n for _, n in workload], args.output_len, concurrency, tp or 1)
+    return add_bounds(row, hw, model, [n for _, n in workload], output_len, concurrency, tp or 1)
 
 
 def greedy_ids(url: str, workload, count: int = 2, tokens: int = 32) -> list[list[int]]:
@@ -153,10 +191,11 @@ def add_bounds(row: dict, hw: Hardware | None, model: dict, lengths: list[int], 
 
 
 class served:
-    """tpserve serving `model_dir` at `tp` for the duration of a `with` block; yields its predictions URL."""
+    """tpserve serving `model_dir` at `tp` for the duration of a `with` block; yields its predictions URL and
+    what it took (seconds to ready, GPU memory in use per card)."""
 
-    def __init__(self, model_dir: Path, tp: int, args):
-        self.model_dir, self.tp, self.args = model_dir, tp, args
+    def __init__(self, model_dir: Path, tp: int, args, extra: list[str] = ()):
+        self.model_dir, self.tp, self.args, self.extra = model_dir, tp, args, list(extra)
 
     def __enter__(self) -> str:
         from tests.server import Server
@@ -166,15 +205,20 @@ class served:
         store.mkdir()
         lines = ["engine=DeepSpeed", f"option.model_id={self.model_dir.resolve()}",
                  f"option.tensor_parallel_degree={self.tp}", f"option.dtype={self.args.dtype}",
-                 "option.predict_timeout=1200", "job_queue_size=100000", *self.args.property]
+                 "option.predict_timeout=1200", "job_queue_size=100000", *self.args.property, *self.extra]
         (store / "serving.properties").write_text("\n".join(lines) + "\n")
         self.log = Path(self.tmp.name) / "server.log"
         self.server = Server(["-m", str(store)], self.log)
         state = self.server.wait_for_models(timeout=900)["bench"]
         if state["state"] != "READY":
             raise RuntimeError(f"tpserve failed to load: {state['error']}\n{self.server.log_tail()}")
-        print(f"tpserve TP={self.tp} ready in {time.monotonic() - self.server.started:.1f} s", flush=True)
-        return self.server.url("/predictions/bench")
+        ready = time.monotonic() - self.server.started
+        print(f"tpserve TP={self.tp} {' '.join(self.extra)} ready in {ready:.1f} s", flush=True)
+        memory = gpu_memory_mib() if torch.cuda.is_available() else []
+        return self.server.url("/predictions/bench"), {"ready_s": ready, "gpu_memory_mib": memory,
+                                                         "startup_log": [
+            line for line in self.server.log_tail(400).splitlines() if any(
+                word in line for word in ("captured", "rolling batch ready", "loaded in", "initialized"))]}
 
     def __exit__(self, *exc) -> None:
         if any(exc):
@@ -206,6 +250,12 @@ def run_baselines(args, levels: list[int], workloads, hw, model) -> list[dict]:
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
+
+
+def gpu_memory_mib() -> list[int]:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=True).stdout
+    return [int(line) for line in out.split()]
 
 
 def measure_hardware() -> Hardware:

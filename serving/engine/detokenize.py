@@ -64,14 +64,21 @@ class Sequence:
 
     def finish_reason(self, token: int, eos: set[int]) -> str | None:
         """Why the sequence ends with `token` (just added), or None: end of sequence once min_new_tokens were
-        generated, a complete stop sequence, or max_new_tokens."""
-        if token in eos and len(self.ids) >= self.params.min_new_tokens:
+        generated, max_new_tokens, or a complete stop sequence."""
+        return self.token_finish(token, eos, len(self.ids)) or ("stop_sequence" if self.stopped() else None)
+
+    def token_finish(self, token: int, eos: set[int], generated: int) -> str | None:
+        """The ends that the token id alone decides, `token` being the `generated`-th token: end of sequence
+        (once min_new_tokens were generated) and max_new_tokens. Known before the token is detokenised."""
+        if token in eos and generated >= self.params.min_new_tokens:
             return "eos_token"
-        if self._stop_cut() is not None:
-            return "stop_sequence"
-        if len(self.ids) >= self.params.max_new_tokens:
+        if generated >= self.params.max_new_tokens:
             return "length"
         return None
+
+    def stopped(self) -> bool:
+        """A complete stop sequence is in the text."""
+        return self._stop_cut() is not None
 
     def _stop_cut(self) -> int | None:
         """Where the text ends at the earliest complete stop sequence (after it, or before it when the stop

@@ -1,10 +1,13 @@
 """The engine's KV memory: one slot per running row, each `max_len` tokens long, allocated once.
 
-Per layer, K and V are [slots, kv_heads, max_len, head_dim] in the model's dtype. A row owns its slot from
-admission to its end, so nothing is copied or compacted while it runs; each row has its own length, and
-attention reads a row only up to the longest live length of the step. The head count is the rank's own share
-under tensor parallelism (which can differ between ranks when heads do not split evenly), so the tensors are
-created at the first forward, the engine's warm-up step, when each layer first shows its key shape.
+Per layer, K and V are [slots + 1, max_len, kv_heads, head_dim] in the model's dtype: token-major, so the
+whole cache is also one [(slots + 1) * max_len, kv_heads, head_dim] table in which a slot is a run of rows
+(the layout flash attention's variable-length kernel reads, attention.py). A row owns its slot from admission
+to its end, so nothing is copied or compacted while it runs; each row has its own length, and attention reads
+a row only up to its own length. The extra slot at the end, `scratch`, belongs to no row: the padding tokens of
+a captured step (graphs.py) write and read there. The head count is the rank's own share under tensor
+parallelism (which can differ between ranks when heads do not split evenly), so the tensors are created at the
+first forward, the engine's warm-up step, when each layer first shows its key shape.
 """
 import logging
 
@@ -22,6 +25,11 @@ class SlotCache:
         self.values: dict[int, torch.Tensor] = {}
 
     @property
+    def scratch(self) -> int:
+        """The slot no row owns (padding tokens of captured steps)."""
+        return self.slots
+
+    @property
     def tokens(self) -> int:
         """Tokens the cache holds in all, every slot full."""
         return self.slots * self.max_len
@@ -31,10 +39,11 @@ class SlotCache:
         return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
 
     def layer(self, index: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of layer `index`; `like` is that layer's new keys, [1, kv_heads, tokens, head_dim]."""
+        """K and V of layer `index`, each [slots + 1, max_len, kv_heads, head_dim]; `like` is that layer's new
+        keys, [1, kv_heads, tokens, head_dim]."""
         keys = self.keys.get(index)
         if keys is None:
-            shape = (self.slots, like.shape[1], self.max_len, like.shape[3])
+            shape = (self.slots + 1, self.max_len, like.shape[1], like.shape[3])
             keys = self.keys[index] = zeros(shape, like.dtype, like.device)
             self.values[index] = zeros(shape, like.dtype, like.device)
         return keys, self.values[index]

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from serving.engine import attention
 from serving.engine.detokenize import Sequence
+from serving.engine.graphs import Buckets, StepGraphs
 from serving.engine.intake import RequestError, parse_request, tokenize, wants_stream
 from serving.engine.kv_cache import SlotCache, bytes_per_token, plan_slots
 from serving.engine.plan import Chunk, StepPlan
@@ -48,6 +49,7 @@ class EngineSettings:
     kv_cache_tokens: int | None = None  # option.max_kv_cache_tokens: the KV budget, in tokens
     memory_utilization: float = 0.9  # option.gpu_memory_utilization: share of GPU memory for weights and KV
     predict_timeout: float = 120.0
+    cuda_graph: bool = True  # option.enable_cuda_graph: capture steps in CUDA graphs (on CUDA, with flash)
 
     @classmethod
     def from_properties(cls, properties: dict[str, str]) -> "EngineSettings":
@@ -59,7 +61,8 @@ class EngineSettings:
                    prefill_tokens=value("max_rolling_batch_prefill_tokens", cls.prefill_tokens),
                    max_model_len=value("max_model_len", None), kv_cache_tokens=value("max_kv_cache_tokens", None),
                    memory_utilization=value("gpu_memory_utilization", cls.memory_utilization, float),
-                   predict_timeout=value("predict_timeout", cls.predict_timeout, float))
+                   predict_timeout=value("predict_timeout", cls.predict_timeout, float),
+                   cuda_graph=value("enable_cuda_graph", "true", str).lower() == "true")
 
 
 def supports(model) -> bool:
@@ -83,13 +86,31 @@ class Engine:
         self.cache = SlotCache(_agreed(plan_slots(self.settings.max_rows, self.max_len, budget), world_size,
                                        self.device), self.max_len)
         self.runner = ModelRunner(model, self.cache, self.device)
-        self.step(StepPlan(prefill=[Chunk(0, 0, [0, 0])], keep=[1]))  # warm-up: every layer allocates its K/V
+        self.runner.run(StepPlan(prefill=[Chunk(0, 0, [0, 0])], keep=[1]))  # warm-up: every layer allocates K/V
+        self.graphs = self._capture()
         log.info("rolling batch ready in %.1f s: %d rows of up to %d tokens, KV cache %.1f MiB on this rank, "
-                 "prefill budget %d tokens per step", time.monotonic() - started, self.cache.slots, self.max_len,
-                 self.cache.bytes / 2**20, self.settings.prefill_tokens)
+                 "prefill budget %d tokens per step, attention %s", time.monotonic() - started, self.cache.slots,
+                 self.max_len, self.cache.bytes / 2**20, self.settings.prefill_tokens,
+                 "flash (variable length)" if self.runner.flash else "SDPA")
 
     def step(self, plan: StepPlan) -> torch.Tensor:
-        return self.runner.run(plan)
+        logits = self.graphs.run(plan) if self.graphs is not None else None
+        return self.runner.run(plan) if logits is None else logits
+
+    def _capture(self) -> StepGraphs | None:
+        """CUDA graphs of every step shape, unless option.enable_cuda_graph=false or the device cannot."""
+        if not self.settings.cuda_graph or self.device.type != "cuda":
+            return None
+        if not self.runner.flash:
+            log.warning("steps run eagerly: CUDA graphs need flash attention's variable-length kernel with "
+                        "per-sequence key counts (fp16 or bf16, and a torch that has it)")
+            return None
+        graphs = StepGraphs(self.runner, Buckets(self.cache.slots, self.settings.prefill_tokens, self.max_len))
+        reserved = torch.cuda.memory_reserved(self.device)
+        seconds = graphs.capture()
+        log.info("captured %d CUDA graphs of the step in %.1f s (%.0f MiB more GPU memory reserved)",
+                 len(graphs.graphs), seconds, (torch.cuda.memory_reserved(self.device) - reserved) / 2**20)
+        return graphs
 
     def _budget_tokens(self, model, world_size: int) -> int | None:
         if self.settings.kv_cache_tokens is not None:
@@ -98,7 +119,8 @@ class Engine:
             return None  # on CPUs: max_rolling_batch_size rows of max_model_len tokens
         free, total = torch.cuda.mem_get_info(self.device)
         usable = total * self.settings.memory_utilization - (total - free) - ACTIVATION_RESERVE
-        return max(0, int(usable)) // bytes_per_token(model.config, world_size, next(model.parameters()).dtype)
+        tokens = max(0, int(usable)) // bytes_per_token(model.config, world_size, next(model.parameters()).dtype)
+        return max(0, tokens - self.max_len)  # the cache's scratch slot (kv_cache.py) comes on top of the rows
 
 
 def use_slot_attention(model) -> None:
@@ -144,6 +166,7 @@ class EngineLoop:
         self.requests: dict[int, Request] = {}
         self.inbox: collections.deque[Request] = collections.deque()  # tokenised, not yet scheduled
         self.in_intake: set[int] = set()
+        self.drawn: list[tuple[Row, Draw]] = []  # sampled last step, not yet detokenised and streamed
         self.stopping = False
         # the intake thread tokenises with its own copy: a fast tokenizer used from two threads at once can fail
         self.intake_tokenizer = copy.deepcopy(engine.tokenizer)
@@ -182,7 +205,7 @@ class EngineLoop:
                 arrived = list(self.inbox)
                 self.inbox.clear()
                 cancelled = self._take_cancels()
-                if arrived or cancelled or self.scheduler.has_work():
+                if arrived or cancelled or self.scheduler.has_work() or self.drawn:
                     break
                 relay.working = False
                 relay.cond.wait(IDLE_WAIT)
@@ -216,23 +239,29 @@ class EngineLoop:
         return found
 
     def _step(self) -> None:
+        """One step, pipelined: the step's forward is queued on the device first, then the previous step's
+        tokens are detokenised and streamed while it runs, then this step's tokens are sampled (which waits
+        for the device). Ends that the token id decides (end of sequence, length) are known at sampling, so a
+        finished row never runs another step; a stop sequence is found in the text one step later, and the
+        row's token from that step is dropped."""
         plan, kept = self.scheduler.schedule()
-        if not plan.n_tokens:
-            return
-        admitted = {self.scheduler.row_in(chunk.slot).request.id for chunk in plan.prefill if chunk.start == 0}
-        if admitted:  # the front end measures queue wait and batch occupancy from it
-            self.relay.send_frames([{"kind": "started", "ids": sorted(admitted)}])
-        self.relay.working = True  # has work: the watchdog expects progress
-        self.relay.comm.broadcast({"kind": "step", "plan": plan.pack()})
-        logits = self.engine.step(plan)
-        frames = self._consume(kept, logits)
-        self.relay.send_frames(frames)
+        logits = None
+        if plan.n_tokens:
+            admitted = {self.scheduler.row_in(chunk.slot).request.id for chunk in plan.prefill if chunk.start == 0}
+            if admitted:  # the front end measures queue wait and batch occupancy from it
+                self.relay.send_frames([{"kind": "started", "ids": sorted(admitted)}])
+            self.relay.working = True  # has work: the watchdog expects progress
+            self.relay.comm.broadcast({"kind": "step", "plan": plan.pack()})
+            logits = self.engine.step(plan)
+        drawn, self.drawn = self.drawn, []
+        self.relay.send_frames(self._emit(drawn))
+        if logits is not None:
+            self.drawn = self._sample(kept, logits)
         self.relay.note_progress()  # the watchdog counts time since the last step, not since a unit began
 
-    def _consume(self, kept: list[Kept], logits: torch.Tensor) -> list[dict]:
-        """Sample the rows that produce a token this step; record prompt log-probabilities. Returns the frames to
-        send (chunks and answers)."""
-        frames: list[dict] = []
+    def _sample(self, kept: list[Kept], logits: torch.Tensor) -> list[tuple[Row, Draw]]:
+        """Draw the next token of each row that produces one this step; record prompt log-probabilities. A row
+        whose token ends it leaves the batch now (its slot is free for the next step)."""
         sampled = [i for i, k in enumerate(kept) if k.prompt_index is None and not k.row.done]
         prompt = [i for i, k in enumerate(kept) if k.prompt_index is not None]
         if prompt:  # decoder_input_details: one log-softmax over every prompt position kept this step
@@ -241,10 +270,26 @@ class EngineLoop:
             for i, value in zip(prompt, values):
                 kept[i].row.prompt_log_probs.append(value)
         rows = [kept[i].row for i in sampled]
-        draws = sample(logits[sampled], [SamplingRow(row.request.params, row.generator, lambda row=row: row.history,
-                                                     len(row.sequence.ids), self.engine.eos) for row in rows])
+        if len(sampled) < len(kept):
+            logits = logits[sampled]
+        draws = sample(logits, [SamplingRow(row.request.params, row.generator, lambda row=row: row.history,
+                                            len(row.sequence.ids), self.engine.eos) for row in rows])
         for row, draw in zip(rows, draws):
-            self._advance(row, draw, frames)
+            row.ending = row.sequence.token_finish(draw.token, self.engine.eos, len(row.sequence.ids) + 1)
+            if row.ending is None and row.cached >= self.engine.max_len:
+                row.ending = "length"  # no room left in the row's slot to feed this token
+            if row.ending is None:
+                row.next_token = draw.token
+            else:
+                self.scheduler.release(row)
+        return list(zip(rows, draws))
+
+    def _emit(self, drawn: list[tuple[Row, Draw]]) -> list[dict]:
+        """Detokenise and stream each drawn token, finish the rows that end; the frames to send."""
+        frames: list[dict] = []
+        for row, draw in drawn:
+            if not row.done:  # else cancelled, expired or stopped since the draw: its token is dropped
+                self._advance(row, draw, frames)
         return frames
 
     def _advance(self, row: Row, draw: Draw, frames: list[dict]) -> None:
@@ -254,10 +299,8 @@ class EngineLoop:
             sequence.prefill = prompt_details(tokenizer, row)
         top = [Token(id=i, text=tokenizer.decode([i]), log_prob=lp) for i, lp in draw.top] if draw.top else None
         text = sequence.add(draw.token, draw.log_prob, top)
-        reason = self._finish_reason(row, draw.token)
-        if reason is None:
-            row.next_token = draw.token
-        else:
+        reason = row.ending or ("stop_sequence" if sequence.stopped() else None)
+        if reason is not None:
             text += sequence.close(reason)
             self.scheduler.release(row)
         if request.stream:
@@ -269,12 +312,6 @@ class EngineLoop:
             frames.append(self.relay.chunk_frame(request.id, event))
         if reason is not None and request.done:
             frames.append(self._answer(request))
-
-    def _finish_reason(self, row: Row, token: int) -> str | None:
-        reason = row.sequence.finish_reason(token, self.engine.eos)
-        if reason is None and row.cached >= self.engine.max_len:
-            return "length"  # no room left in the row's slot to feed this token
-        return reason
 
     def _answer(self, request: Request) -> dict:
         del self.requests[request.id]

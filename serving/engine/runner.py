@@ -4,14 +4,21 @@ The plan's rows are packed into one [1, tokens] sequence with explicit positions
 reads and writes the slot cache. Only the logits the plan keeps are computed (transformers' `logits_to_keep`
 with the packed positions), so a long prompt costs no vocabulary-sized matrix per token.
 
-Attention leaves out cuDNN's SDPA: it builds an execution plan for every new shape, and decode shapes change
-every step (measured on an H200: 1.55 ms of CPU per call, 50 ms per 32-layer step). Decode reads keys up to the
-longest live row rounded up to KEY_BLOCK, so a shape repeats for KEY_BLOCK steps.
+`pack` turns a plan into flat integer arrays on the host (numpy, one pass); `StepTensors` is their device side,
+fresh for an eager step, or a captured graph's own buffers refilled in place (graphs.py). Both paths run the
+same `forward`, so a graph replays exactly the kernels an eager step runs.
+
+The SDPA path (attention.py) leaves out cuDNN's SDPA: it builds an execution plan for every new shape, and
+decode shapes change every step (measured on an H200: 1.55 ms of CPU per call, 50 ms per 32-layer step). It
+reads keys up to the longest live row rounded up to KEY_BLOCK, so a shape repeats for KEY_BLOCK steps.
 """
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from serving.engine.attention import STEP_KWARG, Segment, StepBatch
+from serving.engine.attention import STEP_KWARG, Segment, SlotRows, StepBatch, Varlen, flash_available
 from serving.engine.kv_cache import SlotCache
 from serving.engine.plan import StepPlan
 
@@ -19,41 +26,94 @@ KEY_BLOCK = 64
 BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+@dataclass
+class Packed:
+    """A plan as flat host arrays: `longs` = ids, positions, write index (each [tokens]) and keep; `ints` =
+    cu_q [seqs + 1], k_start [seqs + 1], k_used [seqs] (int32, what the flash kernel takes)."""
+
+    tokens: int
+    seqs: int
+    keep: int
+    max_q: int
+    longs: np.ndarray
+    ints: np.ndarray
+
+
+def pack(plan: StepPlan, max_len: int) -> Packed:
+    chunks = plan.prefill
+    n = len(plan.decode_slots)
+    lengths = np.array([len(c.tokens) for c in chunks], dtype=np.int64)
+    starts = np.array([c.start for c in chunks], dtype=np.int64)
+    chunk_slots = np.array([c.slot for c in chunks], dtype=np.int64)
+    chunk_positions = (np.concatenate([np.arange(s, s + n_) for s, n_ in zip(starts, lengths)])
+                       if chunks else np.empty(0, np.int64))
+    ids = np.concatenate([plan.decode_tokens, *(c.tokens for c in chunks)]).astype(np.int64)
+    positions = np.concatenate([plan.decode_positions, chunk_positions]).astype(np.int64)
+    slots = np.concatenate([plan.decode_slots, np.repeat(chunk_slots, lengths)]).astype(np.int64)
+    keep = np.asarray(plan.keep or [len(ids) - 1], dtype=np.int64)  # transformers computes at least one position
+    seq_slots = np.concatenate([plan.decode_slots, chunk_slots]).astype(np.int64)
+    q_lens = np.concatenate([np.ones(n, np.int64), lengths])
+    k_used = np.concatenate([np.asarray(plan.decode_positions, np.int64) + 1, starts + lengths])
+    cu_q = np.concatenate([[0], np.cumsum(q_lens)])
+    k_start = np.concatenate([seq_slots * max_len, [0]])
+    return Packed(len(ids), len(seq_slots), len(keep), int(q_lens.max(initial=1)),
+                  np.concatenate([ids, positions, slots * max_len + positions, keep]),
+                  np.concatenate([cu_q, k_start, k_used]).astype(np.int32))
+
+
+class StepTensors:
+    """A packed step on the device: two buffers (int64 and int32) and views into them."""
+
+    def __init__(self, packed: Packed, device: torch.device, longs: torch.Tensor | None = None,
+                 ints: torch.Tensor | None = None):
+        t, s = packed.tokens, packed.seqs
+        if longs is None:
+            longs, ints = torch.from_numpy(packed.longs).to(device), torch.from_numpy(packed.ints).to(device)
+        self.longs, self.ints = longs, ints
+        self.ids, self.positions, self.write_index = longs[:t][None], longs[t:2 * t][None], longs[2 * t:3 * t]
+        self.keep = longs[3 * t:]
+        self.cu_q, self.k_start, self.k_used = ints[:s + 1], ints[s + 1:2 * s + 2], ints[2 * s + 2:]
+        self.max_q = packed.max_q
+
+    def fill(self, packed: Packed) -> None:
+        """New contents of the same shape (a captured graph's buffers)."""
+        self.longs.copy_(torch.from_numpy(packed.longs), non_blocking=True)
+        self.ints.copy_(torch.from_numpy(packed.ints), non_blocking=True)
+
+
 class ModelRunner:
     def __init__(self, model, cache: SlotCache, device: torch.device):
         self.model = model
         self.cache = cache
         self.device = device
+        self.flash = flash_available(device, next(model.parameters()).dtype)
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> torch.Tensor:
         """Logits of the plan's kept positions, [len(plan.keep), vocab] float32."""
-        ids, positions, slots = list(plan.decode_tokens), list(plan.decode_positions), list(plan.decode_slots)
-        segments = []
-        for chunk in plan.prefill:
-            segments.append(Segment(chunk.slot, chunk.start, len(chunk.tokens), len(ids),
-                                    self._chunk_mask(chunk.start, len(chunk.tokens))))
-            ids += chunk.tokens
-            positions += range(chunk.start, chunk.start + len(chunk.tokens))
-            slots += [chunk.slot] * len(chunk.tokens)
-        device = self.device
-        step = StepBatch(
-            cache=self.cache,
-            write_slots=torch.tensor(slots, device=device),
-            write_positions=torch.tensor(positions, device=device),
-            n_decode=len(plan.decode_slots),
-            decode_slots=torch.tensor(plan.decode_slots, device=device),
-            decode_span=max(plan.decode_slots, default=-1) + 1,
-            decode_len=self._decode_len(plan),
-            decode_mask=self._decode_mask(plan),
-            segments=segments,
-        )
-        keep = plan.keep or [len(ids) - 1]  # transformers computes at least one position
+        packed = pack(plan, self.cache.max_len)
+        logits = self.forward(StepTensors(packed, self.device), None if self.flash else self.slot_rows(plan))
+        return logits[0, :len(plan.keep)].float()
+
+    def forward(self, inputs: StepTensors, rows: SlotRows | None) -> torch.Tensor:
+        """The model's forward over packed inputs: [1, kept, vocab] in the model's dtype. Reads only device
+        tensors on the flash path (`rows` None), so it can be captured."""
+        varlen = Varlen(inputs.cu_q, inputs.k_start, inputs.k_used, inputs.max_q) if rows is None else None
+        step = StepBatch(self.cache, inputs.write_index, varlen, rows)
         with sdpa_kernel(BACKENDS):
-            output = self.model(input_ids=torch.tensor([ids], device=device),
-                                position_ids=torch.tensor([positions], device=device), use_cache=False,
-                                logits_to_keep=torch.tensor(keep, device=device), **{STEP_KWARG: step})
-        return output.logits[0, :len(plan.keep)].float()
+            return self.model(input_ids=inputs.ids, position_ids=inputs.positions, use_cache=False,
+                              logits_to_keep=inputs.keep, **{STEP_KWARG: step}).logits
+
+    def slot_rows(self, plan: StepPlan) -> SlotRows:
+        segments, offset = [], len(plan.decode_slots)
+        for chunk in plan.prefill:
+            if chunk.tokens:
+                segments.append(Segment(chunk.slot, chunk.start, len(chunk.tokens), offset,
+                                        self._chunk_mask(chunk.start, len(chunk.tokens))))
+            offset += len(chunk.tokens)
+        return SlotRows(n_decode=len(plan.decode_slots), decode_slots=torch.tensor(plan.decode_slots, device=self.device),
+                        decode_span=max(plan.decode_slots, default=-1) + 1, decode_len=self._decode_len(plan),
+                        decode_mask=self._decode_mask(plan), segments=segments)
 
     def _decode_len(self, plan: StepPlan) -> int:
         """Keys read per slot: the longest live row, rounded up to KEY_BLOCK (at most the slot's length)."""

@@ -10,6 +10,7 @@ import time
 import torch
 
 from handlers.loading import load_model, load_tokenizer
+from serving.engine.graphs import Buckets, StepGraphs
 from serving.engine.loop import Engine, EngineLoop
 from serving.protocol import encode, recv_frame
 from serving.rank.comm import SoloComm
@@ -26,12 +27,16 @@ def loaded(model_dir: str):
 
 
 class EngineHarness:
-    def __init__(self, model_dir: str, **properties):
+    def __init__(self, model_dir: str, padded: bool = False, **properties):
+        """`padded`: run every step the way a CUDA graph would, padded to its bucket (graphs.py), eagerly."""
         model, tokenizer = loaded(model_dir)
         eos = model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos])
         props = {key: str(value) for key, value in properties.items()}
         self.engine = Engine(model, tokenizer, eos, props, world_size=1)
+        if padded:
+            buckets = Buckets(self.engine.cache.slots, self.engine.settings.prefill_tokens, self.engine.max_len)
+            self.engine.graphs = StepGraphs(self.engine.runner, buckets)
         self.tokenizer = tokenizer
         self.relay = Relay(SoloComm(), worker=None, socket_path="unused")
         self.relay.conn, self.sock = socket.socketpair()

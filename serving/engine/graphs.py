@@ -1,0 +1,138 @@
+"""Captured steps: CUDA graphs of the model's forward, replayed instead of running it eagerly.
+
+An eager step of a 7B model spends most of its time launching kernels from Python (hundreds per layer, and at
+TP > 1 two all-reduces per layer). A graph records one step's kernels once, all-reduces included, and replays
+them with one launch. A graph replays fixed shapes and fixed addresses, so:
+- each graph has its own input buffers (runner.StepTensors) that a step refills in place, and reads nothing
+  from the host: attention takes its shape from device tensors (attention.py, the flash path);
+- a step is padded up to the smallest graph that holds it (`Buckets.pick`). Decode steps of n rows run in
+  the graph for B >= n rows, the extra rows decoding a dummy token in the cache's scratch slot. Steps with
+  prompt tokens run in a graph for T >= tokens packed tokens and every slot's sequence: the extra tokens form
+  dummy chunks in the scratch slot, and the unused sequences are empty.
+Padding only adds rows whose results nobody reads, so a padded step's kept logits are the unpadded step's
+(tests/engine check this token for token on the CPU, where the padded plan runs eagerly).
+
+There is no compiler here, only capture (torch.cuda.graph), which takes a few seconds at load and leaves
+nothing worth caching on disk. Steps no graph holds (more kept logits than rows, as with prompt log-probabilities,
+or more tokens than the largest graph) run eagerly.
+"""
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from serving.engine.kv_cache import SlotCache
+from serving.engine.plan import Chunk, StepPlan
+from serving.engine.runner import ModelRunner, Packed, StepTensors, pack
+
+log = logging.getLogger("tpserve.engine.graphs")
+DECODE_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+PREFILL_TOKENS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One graph: `tokens` packed tokens in `seqs` sequences, keeping `keep` logits rows; `prefill` graphs take
+    prompt chunks (query lengths up to `tokens`), decode graphs one token per sequence."""
+
+    tokens: int
+    seqs: int
+    keep: int
+    prefill: bool
+
+    @property
+    def max_q(self) -> int:
+        return self.tokens if self.prefill else 1
+
+
+class Buckets:
+    """The graphs an engine captures, from its slot count and prefill budget, and which one runs a plan."""
+
+    def __init__(self, slots: int, prefill_tokens: int, max_len: int):
+        self.max_len = max_len
+        rows = [b for b in DECODE_ROWS if b < slots] + [slots]
+        self.decode = [Shape(b, b, b, False) for b in rows]
+        largest = slots + prefill_tokens  # every row decoding and a full prefill budget
+        sizes = [t for t in PREFILL_TOKENS if t < largest] + [largest]
+        # every row a sequence, plus the dummy chunks that pad the tokens (each at most max_len long)
+        self.prefill = [Shape(t, slots + -(-t // max_len), slots + 1, True) for t in sizes]
+
+    @property
+    def shapes(self) -> list[Shape]:
+        return self.decode + self.prefill
+
+    def pick(self, plan: StepPlan) -> Shape | None:
+        """The smallest graph that holds the plan, or None (run it eagerly)."""
+        if not plan.prefill:
+            return next((s for s in self.decode if s.seqs >= len(plan.decode_slots)), None)
+        seqs = len(plan.decode_slots) + len(plan.prefill)
+        return next((s for s in self.prefill if s.tokens >= plan.n_tokens and s.keep >= len(plan.keep)
+                     and s.seqs - -(-(s.tokens - plan.n_tokens) // self.max_len) >= seqs), None)
+
+
+def pad(plan: StepPlan, shape: Shape, scratch: int, max_len: int) -> StepPlan:
+    """The plan grown to the graph's shape with rows nobody reads, all in the scratch slot."""
+    keep = plan.keep + [0] * (shape.keep - len(plan.keep))
+    if not shape.prefill:
+        extra = shape.seqs - len(plan.decode_slots)
+        positions = [i % max_len for i in range(extra)]
+        return StepPlan(plan.decode_slots + [scratch] * extra, plan.decode_tokens + [0] * extra,
+                        plan.decode_positions + positions, [], keep)
+    chunks = list(plan.prefill)
+    extra = shape.tokens - plan.n_tokens
+    while extra:
+        length = min(extra, max_len)
+        chunks.append(Chunk(scratch, 0, [0] * length))
+        extra -= length
+    empty = shape.seqs - len(plan.decode_slots) - len(chunks)
+    chunks += [Chunk(scratch, 0, []) for _ in range(empty)]
+    return StepPlan(plan.decode_slots, plan.decode_tokens, plan.decode_positions, chunks, keep)
+
+
+class StepGraphs:
+    """The captured graphs of one engine, over its runner (and so its model and cache). Not captured (CPUs, in
+    tests), it runs each padded step eagerly: the same padding, bucket choice and kept rows, without CUDA."""
+
+    def __init__(self, runner: ModelRunner, buckets: Buckets):
+        self.runner = runner
+        self.cache: SlotCache = runner.cache
+        self.buckets = buckets
+        self.graphs: dict[Shape, tuple[torch.cuda.CUDAGraph, StepTensors, torch.Tensor]] = {}
+
+    def capture(self) -> float:
+        """Capture every bucket's graph, the largest first (later ones reuse its memory). Seconds taken."""
+        started = time.monotonic()
+        pool = torch.cuda.graph_pool_handle()
+        for shape in sorted(self.buckets.shapes, key=lambda s: (s.tokens, s.seqs), reverse=True):
+            inputs = StepTensors(self._packed(StepPlan(), shape), self.runner.device)
+            with torch.inference_mode():
+                self.runner.forward(inputs, None)  # warm-up outside the capture: kernels pick their algorithms
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    logits = self.runner.forward(inputs, None)
+            self.graphs[shape] = (graph, inputs, logits)
+        torch.cuda.synchronize()
+        return time.monotonic() - started
+
+    @torch.inference_mode()
+    def run(self, plan: StepPlan) -> torch.Tensor | None:
+        """The plan's kept logits ([len(plan.keep), vocab] float32) from its graph, or None if none holds it."""
+        shape = self.buckets.pick(plan)
+        if shape is None:
+            return None
+        if self.graphs:
+            graph, inputs, logits = self.graphs[shape]
+            inputs.fill(self._packed(plan, shape))
+            graph.replay()
+        else:
+            padded = pad(plan, shape, self.cache.scratch, self.cache.max_len)
+            logits = self.runner.forward(StepTensors(self._packed(plan, shape), self.runner.device),
+                                         None if self.runner.flash else self.runner.slot_rows(padded))
+        return logits[0, :len(plan.keep)].float()
+
+    def _packed(self, plan: StepPlan, shape: Shape) -> Packed:
+        packed = pack(pad(plan, shape, self.cache.scratch, self.cache.max_len), self.cache.max_len)
+        packed.max_q = shape.max_q
+        return packed
