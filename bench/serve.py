@@ -102,7 +102,7 @@ def main(argv=None) -> None:
         if args.baselines or args.only_baselines:
             rows += run_baselines(args, levels, workloads, hw, report["model"])
     print_table(report)
-    if "greedy_ids_equal" in report:
+    if report.get("greedy_ids"):
         print(f"greedy ids ({', '.join(report['greedy_ids'])}) equal: {report['greedy_ids_equal']}")
         print(f"captured path's greedy ids equal the eager path's: {report['graph_equals_eager']}")
         for name, server in report.get("servers", {}).items():
