@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from serving.engine import attention
 from serving.engine.detokenize import Sequence
+from serving.engine.fuse import fuse_projections
 from serving.engine.graphs import Buckets, StepGraphs
 from serving.engine.intake import RequestError, parse_request, tokenize, wants_stream
 from serving.engine.kv_cache import SlotCache, bytes_per_token, plan_slots
@@ -81,6 +82,7 @@ class Engine:
         self.eos = eos
         self.device = next(model.parameters()).device
         use_slot_attention(model)
+        fuse_projections(model)  # before the KV budget is measured: fusing moves weights
         self.max_len = model_max_len(model.config, self.settings.max_model_len)
         budget = self._budget_tokens(model, world_size)
         self.cache = SlotCache(_agreed(plan_slots(self.settings.max_rows, self.max_len, budget), world_size,

@@ -115,3 +115,27 @@ def test_the_fast_decoder_decodes_as_the_tokenizer_does(demo_model):
     ids = tokenizer("Ünïcode, émojis 🎉 and <|im_start|> special tokens")["input_ids"] + [0, 1, 2]
     for end in range(1, len(ids) + 1):
         assert decoder(tokenizer)(ids[:end]) == tokenizer.decode(ids[:end], skip_special_tokens=True)
+
+
+def test_fused_projections_compute_what_the_separate_ones_did():
+    from torch import nn
+
+    from serving.engine.fuse import FusedPart, fuse_projections
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+            self.o_proj = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.o_proj(self.q_proj(x)) + self.k_proj(x).sum() * self.v_proj(x).mean()
+
+    torch.manual_seed(0)
+    layer, separate = Attention(), Attention()
+    separate.load_state_dict(layer.state_dict())
+    assert fuse_projections(layer) == 1
+    assert isinstance(layer.k_proj, FusedPart) and isinstance(layer.o_proj, nn.Linear)
+    for x in (torch.randn(3, 8), torch.randn(1, 5, 8)):  # each new input gets its own product
+        assert torch.allclose(layer(x), separate(x), atol=1e-6)
+    assert sum(p.numel() for p in layer.parameters()) == (8 + 4 + 4) * 9 + 8 * 9  # weights held once
