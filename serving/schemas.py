@@ -4,7 +4,7 @@ the same models on the rank side."""
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 MAX_SEED = 2**63 - 1
 # Bounds that keep one request from holding a group for minutes (issue 9): a request above them gets 422 in
@@ -193,6 +193,12 @@ class Token(BaseModel):
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
         return finite(value)
+
+    @model_serializer(mode="wrap")
+    def _log_prob_always(self, handler):
+        data = handler(self)
+        data.setdefault("log_prob", None)  # null, not left out, under exclude_none
+        return data
 
 
 class Details(BaseModel):
