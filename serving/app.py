@@ -6,7 +6,7 @@ import asyncio
 from aiohttp import web
 
 from serving import namespace
-from serving.api import health, inference, management, metrics, openai, openapi
+from serving.api import health, inference, management, metrics, openai, openapi, tgi
 from serving.api.auth import API_KEY, require_token
 from serving.api.errors import error_response, json_errors
 from serving.api.observe import ACCESS_LOG, METRICS, observe, send_request_id
@@ -33,7 +33,7 @@ def make_app(configs: list[ModelConfig], settings: ServerSettings | None = None)
     app[ACCESS_LOG] = settings.access_log
     if settings.model_store is not None:
         app[management.MODEL_STORE] = settings.model_store
-    for module in (inference, openai, health, management, metrics, openapi):
+    for module in (inference, openai, tgi, health, management, metrics, openapi):
         app.add_routes(module.routes)
     app.on_response_prepare.append(send_request_id)
     app.cleanup_ctx.append(_worker_groups)

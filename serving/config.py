@@ -80,6 +80,13 @@ class ModelConfig(BaseModel):
     """Rows (sequences) the engine decodes at once; more requests wait in the queue."""
     max_rolling_batch_prefill_tokens: int = Field(4096, ge=1, alias="option.max_rolling_batch_prefill_tokens")
     """Prompt tokens prefilled per step; a longer prompt is prefilled in chunks, so others keep streaming."""
+    output_formatter: Literal["json", "jsonlines", "sse"] | None = Field(None, alias="option.output_formatter")
+    """DJL's key: `jsonlines` or `sse` streams every request of the built-in handler (sse as Server-Sent Events);
+    unset or `json`: a request streams when it asks (`"stream": true`, or `Accept: text/event-stream` for SSE)."""
+    tgi_compat: Annotated[bool, BeforeValidator(_strict_bool)] = Field(False, alias="option.tgi_compat")
+    """DJL's key: the DJL routes (/predictions, /invocations) answer in Hugging Face TGI's shapes (`logprob` and
+    `special` on tokens, the answer in a list of one, errors as {"error", "error_type"}) and stream as Server-Sent
+    Events whatever the client accepts, so TGI's clients work against them."""
     max_model_len: int | None = Field(None, ge=2, alias="option.max_model_len")
     """Tokens one sequence may hold, prompt and output (default: the model's context). Each row of the KV cache
     is this long."""

@@ -155,7 +155,7 @@ class RequestTimer:
 
 
 def lmi_usage(data: bytes | None) -> dict | None:
-    """Token counts from an LMI answer (`{"details": {"prompt_tokens", "generated_tokens"}}`, or a list)."""
+    """Token counts from an LMI or TGI answer (`{"details": {"prompt_tokens", "generated_tokens"}}`, or a list)."""
     if not data or len(data) > USAGE_PARSE_LIMIT or data.lstrip()[:1] not in (b"{", b"["):
         return None
     try:
@@ -167,7 +167,8 @@ def lmi_usage(data: bytes | None) -> dict | None:
     details = [d for d in details if isinstance(d, dict) and "generated_tokens" in d]
     if not details:
         return None
-    return {"prompt_tokens": sum(int(d.get("prompt_tokens") or 0) for d in details),
+    # TGI's stream details name the prompt's tokens input_length
+    return {"prompt_tokens": sum(int(d.get("prompt_tokens") or d.get("input_length") or 0) for d in details),
             "generated_tokens": sum(int(d["generated_tokens"]) for d in details)}
 
 

@@ -1,9 +1,10 @@
 """Request and response bodies, as pydantic models. The front end validates a request against these before
 relaying it (a bad one gets 422 naming the field, and never reaches the ranks); the built-in handler parses
 the same models on the rank side."""
-from typing import Annotated, Literal
+import math
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 MAX_SEED = 2**63 - 1
 # Bounds that keep one request from holding a group for minutes (issue 9): a request above them gets 422 in
@@ -13,16 +14,30 @@ MAX_PROMPTS = 32  # prompts in one request (a list of inputs / prompt)
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
 MAX_MESSAGES = 512
+MAX_BEST_OF = 4  # sequences sampled for one prompt with best_of (each takes a row of the batch)
 Prompt = Annotated[str, Field(min_length=1)]
 StopSequence = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
 # every model refuses NaN and +-Infinity (Python's json accepts them)
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+def _nulls_are_defaults(data: Any) -> Any:
+    """An explicit JSON null means "the default", as TGI and its clients use it (they send every field)."""
+    if isinstance(data, dict):
+        return {key: value for key, value in data.items() if value is not None}
+    return data
+
+
 class GenerationParameters(BaseModel):
-    """LMI/TGI `parameters`. Unknown names are refused, so a typo is not silently ignored."""
+    """LMI/TGI `parameters`. Unknown names are refused, so a typo is not silently ignored; a null is the
+    default."""
 
     model_config = STRICT
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        return _nulls_are_defaults(data)
 
     max_new_tokens: int = Field(30, ge=1, le=MAX_NEW_TOKENS)
     min_new_tokens: int = Field(0, ge=0, le=MAX_NEW_TOKENS)
@@ -34,10 +49,29 @@ class GenerationParameters(BaseModel):
     top_k: int = Field(0, ge=0, le=1_000_000)
     """0 disables top-k."""
     repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    """OpenAI's definition (TGI's name): each token's logit is lowered by frequency_penalty times the number of
+    times it was generated so far."""
+    typical_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Typical decoding (TGI): keep the tokens whose information is closest to the distribution's entropy, up to
+    this much probability mass; 1.0 disables it."""
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop_sequences: list[StopSequence] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
+    stop: list[StopSequence] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
+    """TGI's name for stop_sequences; both may be given and every one of them stops."""
     include_stop_str_in_output: bool = True
     """Keep a matched stop sequence at the end of the text (TGI/LMI do; the OpenAI API does not)."""
+    truncate: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS * 32)
+    """Keep only the last `truncate` tokens of the prompt (TGI)."""
+    best_of: int = Field(1, ge=1, le=MAX_BEST_OF)
+    """Sample this many sequences and answer with the one of highest total log-probability; the others are in
+    details.best_of_sequences (TGI). Needs sampling and a single, unstreamed input."""
+    watermark: bool = False
+    """TGI's watermarking: not supported (true is refused)."""
+    grammar: Any = None
+    """TGI's grammar-constrained decoding: not supported (only null is accepted)."""
+    adapter_id: Any = None
+    """TGI's LoRA adapter: not supported (only null is accepted)."""
     return_full_text: bool = False
     details: bool = False
     decoder_input_details: bool = False
@@ -45,10 +79,31 @@ class GenerationParameters(BaseModel):
     top_n_tokens: int = Field(0, ge=0, le=20)
     """With details: the n most likely tokens at each step (`details.top_tokens`)."""
 
-    @field_validator("stop_sequences", mode="before")
+    @field_validator("stop_sequences", "stop", mode="before")
     @classmethod
     def _one_stop_sequence(cls, value):
         return [value] if isinstance(value, str) else value
+
+    @field_validator("watermark", "grammar", "adapter_id")
+    @classmethod
+    def _unsupported(cls, value, info):
+        if value not in (None, False):
+            raise ValueError(f"{info.field_name} is not supported by this server")
+        return value
+
+    @model_validator(mode="after")
+    def _tgi_names(self):
+        merged = self.stop_sequences + [stop for stop in self.stop if stop not in self.stop_sequences]
+        if len(merged) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"stop and stop_sequences: at most {MAX_STOP_SEQUENCES} stop sequences in all")
+        self.stop_sequences, self.stop = merged, []
+        if self.best_of > 1 and not self.sampling:
+            raise ValueError("best_of > 1 needs sampling (do_sample true and a temperature above 0)")
+        return self
+
+    @property
+    def sampling(self) -> bool:
+        return self.do_sample and self.temperature > 0
 
 
 class ChatMessage(BaseModel):
@@ -64,6 +119,11 @@ class GenerateRequest(BaseModel):
 
     model_config = STRICT
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        return _nulls_are_defaults(data)
+
     inputs: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS)] | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
     parameters: GenerationParameters = Field(default_factory=GenerationParameters)
@@ -75,13 +135,70 @@ class GenerateRequest(BaseModel):
             raise ValueError("give exactly one of inputs and messages")
         if self.stream and isinstance(self.inputs, list):
             raise ValueError("stream needs a single input, not a list")
+        if self.parameters.best_of > 1 and (self.stream or isinstance(self.inputs, list)):
+            raise ValueError("parameters.best_of > 1 needs a single input and no stream")
         return self
+
+
+def finite(value: float | None) -> float | None:
+    """JSON has no NaN or Infinity: a log-probability that is not a finite number (the first prompt token's, or
+    one of a token a filter removed) is sent as null."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+TGI_MAX_NEW_TOKENS = 100  # TGI 3.x's default
+TGI_WARPERS = ("temperature", "top_k", "top_p", "typical_p")
+
+
+class TGIGenerateRequest(BaseModel):
+    """Hugging Face TGI's body (POST /generate, /generate_stream, and `/` with `stream`): one prompt, TGI's
+    defaults. As TGI does, max_new_tokens defaults to 100 and giving temperature, top_k, top_p or typical_p turns
+    sampling on (temperature 0 stays greedy here, where TGI refuses it)."""
+
+    model_config = STRICT
+
+    inputs: Prompt
+    parameters: GenerationParameters = Field(default_factory=lambda: GenerationParameters(
+        max_new_tokens=TGI_MAX_NEW_TOKENS))
+    stream: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tgi_defaults(cls, data: Any) -> Any:
+        data = _nulls_are_defaults(data)
+        if isinstance(data, dict) and isinstance(data.get("parameters", {}), dict):
+            parameters = _nulls_are_defaults(data.get("parameters", {}))
+            parameters.setdefault("max_new_tokens", TGI_MAX_NEW_TOKENS)
+            if parameters.get("temperature") != 0 and any(key in parameters for key in TGI_WARPERS):
+                parameters["do_sample"] = True
+            data = {**data, "parameters": parameters}
+        return data
+
+
+class TGIError(BaseModel):
+    """Every error of the TGI routes (and of a model with option.tgi_compat), as TGI sends it: the body of an
+    error response, or the last `data:` event of a stream that fails after it started."""
+
+    error: str
+    error_type: str
 
 
 class Token(BaseModel):
     id: int
     text: str
-    log_prob: float
+    log_prob: float | None
+    """null where there is none (the first prompt token) or it is not finite (a token a filter removed)."""
+
+    @field_validator("log_prob")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        return finite(value)
+
+    @model_serializer(mode="wrap")
+    def _log_prob_always(self, handler):
+        data = handler(self)
+        data.setdefault("log_prob", None)  # null, not left out, under exclude_none
+        return data
 
 
 class Details(BaseModel):
@@ -92,6 +209,8 @@ class Details(BaseModel):
     tokens: list[Token] = []
     top_tokens: list[list[Token]] | None = None
     prefill: list[Token] | None = None
+    best_of_sequences: list[dict] | None = None
+    """With best_of > 1: the other sequences, each with generated_text and these details."""
 
 
 class StreamToken(BaseModel):

@@ -64,6 +64,7 @@ class WorkerGroup:
         self.devices = devices  # GPU ids for CUDA_VISIBLE_DEVICES when groups get their own GPUs; None: all
         self.load_progress: dict[str, float] = {}  # load stage -> seconds since launch (launched, ranks_up, ...)
         self.engine_stats: dict | None = None  # rank 0's heartbeat `engine` report, when its engine sends one
+        self.model_facts: dict = {}  # what the handler told of its model when it loaded (GET /info)
         self.rank_queued = 0  # requests waiting on rank 0, from its heartbeat
         self.space = space or Namespace()
         self.state = State.LOADING
@@ -176,6 +177,7 @@ class WorkerGroup:
             raise GroupUnavailable(f"model {self.name} failed to load: {frame.get('message')}")
         self.loaded_in = time.monotonic() - started
         self.load_progress["ready"] = self.loaded_in
+        self.model_facts = frame.get("model") or {}
         self._last_heartbeat = self._progress_at = self._ready_at = time.monotonic()
         self.state = State.READY
         self._tasks += [asyncio.create_task(self._read_frames(reader)), asyncio.create_task(self._watch())]

@@ -64,6 +64,12 @@ def server(tmp_path_factory, demo_model, tiny_llama):
     model_dir(store, "smollm2_sequential", {"engine": "DeepSpeed", "option.model_id": str(demo_model),
                                             "option.tensor_parallel_degree": "1", "option.dtype": "fp32",
                                             "option.rolling_batch": "disable"})
+    # DJL's option.tgi_compat: the DJL routes answer in Hugging Face TGI's shapes (tests/e2e/test_tgi_api.py)
+    model_dir(store, "smollm2_tgi", {"engine": "DeepSpeed", "option.model_id": str(demo_model),
+                                     "option.tensor_parallel_degree": "1", "option.dtype": "fp32",
+                                     "option.max_rolling_batch_size": "2", "option.max_model_len": "1024",
+                                     "option.tgi_compat": "true"})
+    model_dir(store, "faulty_tgi", {"engine": "Python", "option.tgi_compat": "true"}, handler=FIXTURES / "faulty.py")
     model_dir(store, "faulty", {"engine": "Python"}, handler=FIXTURES / "faulty.py")
     model_dir(store, "faulty_small_queue", {"engine": "Python", "job_queue_size": "1"}, handler=FIXTURES / "faulty.py")
     model_dir(store, "echo_batched", {"engine": "Python", "option.entryPoint": "handlers.echo", "batch_size": "4",

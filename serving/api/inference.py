@@ -2,22 +2,23 @@
 
 The front end checks what it can without the model (a JSON body that does not parse: 400; for the
 built-in handler, LMI parameters against the schema: 422 naming the field) and queues the rest. When the
-client goes away, the request is cancelled on the ranks.
+client goes away, the request is cancelled on the ranks. A model with option.tgi_compat=true answers in TGI's
+shapes instead (serving/api/tgi.py: `predict`).
 """
 import json
 
 from aiohttp import web
 from pydantic import ValidationError
 
+from serving.api import tgi
 from serving.api.dispatch import DispatchError, dispatch
-from serving.api.errors import error_response
+from serving.api.errors import UNION_BRANCHES, describe_validation_error, error_response  # noqa: F401 (openai.py)
 from serving.config import BUILTIN_HANDLER
+from serving.engine.formats import FORMAT_PROPERTY
 from serving.registry import REGISTRY, ModelVersion, UnknownModel
 from serving.schemas import GenerateRequest
 
 routes = web.RouteTableDef()
-UNION_BRANCHES = {"str", "list[str]", "list[ChatMessage]", "int", "float", "bool", "none", "constrained-str",
-                  "list[constrained-str]"}
 
 
 @routes.post("/predictions/{model}")
@@ -42,11 +43,14 @@ async def _infer(request: web.Request, pick) -> web.StreamResponse:
         group = pick(request.app[REGISTRY])
     except UnknownModel as exc:
         return error_response(404, "ModelNotFound", str(exc))
+    # the format of the answer is the route's and the model's choice, not a header's
+    headers = {key.lower(): value for key, value in request.headers.items() if key.lower() != FORMAT_PROPERTY}
+    if group.config.tgi_compat:
+        return await tgi.predict(request, group, headers)
     body = await request.read()
     problem = check_body(group, request.content_type, body)
     if problem is not None:
         return problem
-    headers = {key.lower(): value for key, value in request.headers.items()}
     stream: web.StreamResponse | None = None
     try:
         async with dispatch(group, body, headers) as frames:
@@ -67,8 +71,7 @@ async def _infer(request: web.Request, pick) -> web.StreamResponse:
 
 
 def wants_sse(request: web.Request, group: ModelVersion) -> bool:
-    return ("text/event-stream" in request.headers.get("Accept", "")
-            or group.config.options.get("output_formatter") == "sse")
+    return "text/event-stream" in request.headers.get("Accept", "") or group.config.output_formatter == "sse"
 
 
 async def start_stream(request: web.Request, group: ModelVersion, properties: dict) -> web.StreamResponse:
@@ -126,15 +129,6 @@ def is_utf8(body: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    messages = []
-    for error in exc.errors():
-        # a union's alternatives add their type name to the location (inputs.str, inputs.list[str])
-        field = ".".join(str(part) for part in error["loc"] if str(part) not in UNION_BRANCHES)
-        messages.append(f"{field or 'body'}: {error['msg']} (got {error.get('input')!r:.80})")
-    return "; ".join(messages)
 
 
 def output_response(output: dict) -> web.Response:

@@ -25,8 +25,9 @@ log = logging.getLogger("tpserve.access")
 METRICS = web.AppKey("metrics", Metrics)
 ACCESS_LOG = web.AppKey("access_log", bool)
 INFERENCE_ROUTES = {"/predictions/{model}", "/predictions/{model}/{version}", "/invocations",
-                    "/v1/completions", "/v1/chat/completions"}
-QUIET_ROUTES = {"/health/live", "/health/ready", "/ping", "/metrics"}  # probes and scrapes: not access-logged
+                    "/v1/completions", "/v1/chat/completions", "/", "/generate", "/generate_stream"}
+# probes and scrapes: not access-logged
+QUIET_ROUTES = {"/health", "/health/live", "/health/ready", "/ping", "/metrics"}
 REQUEST_ID_HEADER = "X-Request-Id"
 VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")  # what may go into logs and frames unescaped
 

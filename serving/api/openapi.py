@@ -4,10 +4,14 @@ from aiohttp import web
 from pydantic.json_schema import models_json_schema
 
 from serving.api.openai import ChatCompletionRequest, CompletionRequest
-from serving.schemas import ErrorBody, GenerateRequest, Generation, StreamToken
+from serving.schemas import ErrorBody, GenerateRequest, Generation, StreamToken, TGIError, TGIGenerateRequest
 
 routes = web.RouteTableDef()
-MODELS = [GenerateRequest, Generation, StreamToken, ErrorBody, CompletionRequest, ChatCompletionRequest]
+MODELS = [GenerateRequest, Generation, StreamToken, ErrorBody, CompletionRequest, ChatCompletionRequest,
+          TGIGenerateRequest, TGIError]
+TGI_ERRORS = {"400": "malformed body", "404": "unknown model, or several served and no ?model_name=",
+              "422": "invalid parameters", "424": "the handler failed", "429": "queue full",
+              "503": "model not ready", "504": "predict_timeout passed"}
 ERRORS = {"400": "malformed body", "404": "unknown model", "422": "invalid parameters",
           "424": "the handler failed", "503": "model not ready or queue full", "504": "predict_timeout passed"}
 
@@ -41,6 +45,17 @@ def openai_operation(summary: str, model) -> dict:
                      "responses": {"200": {"description": "OpenAI response object, or SSE chunks ending in [DONE]",
                                            **json_body({"type": "object"})},
                                    "default": {"description": "OpenAI error object", **json_body({"type": "object"})}}}}
+
+
+def tgi_operation(summary: str, answer: str) -> dict:
+    """Hugging Face TGI's routes: TGI's body and its {"error", "error_type"} errors."""
+    model_query = [{"name": "model_name", "in": "query", "required": False, "schema": {"type": "string"}}]
+    return {"post": {"summary": summary, "parameters": model_query,
+                     "requestBody": {"required": True, **json_body(ref(TGIGenerateRequest))},
+                     "responses": {"200": {"description": answer, "content": {
+                         "application/json": {"schema": {"type": ["object", "array"]}},
+                         "text/event-stream": {"schema": {"type": "string"}}}},
+                         **{code: {"description": text, **json_body(ref(TGIError))} for code, text in TGI_ERRORS.items()}}}}
 
 
 def get_operation(summary: str, parameters: list[dict] | None = None) -> dict:
@@ -78,6 +93,12 @@ def build_document() -> dict:
             "/v1/completions": openai_operation("OpenAI completions", CompletionRequest),
             "/v1/chat/completions": openai_operation("OpenAI chat completions", ChatCompletionRequest),
             "/v1/models": get_operation("OpenAI model list"),
+            "/": tgi_operation("TGI: generate (stream=false: a list of one answer) or stream (stream=true)",
+                               "[{generated_text, details}], or SSE events"),
+            "/generate": tgi_operation("TGI: generate", "{generated_text, details}"),
+            "/generate_stream": tgi_operation("TGI: stream tokens as Server-Sent Events", "SSE events"),
+            "/info": get_operation("TGI: the model and the server's limits", model_query),
+            "/health": get_operation("TGI: 200 when every model is ready, else 503"),
             "/ping": get_operation("200 when every model is ready, else 503 (DJL's shape)"),
             "/health/live": get_operation("200 while the front end serves HTTP"),
             "/health/ready": get_operation("200 when every model is ready and the server is not draining; else 503 "

@@ -9,5 +9,6 @@ leaves at once. Rank 0 schedules and samples; every rank runs the same forward o
     runner.py      one forward of the model for a plan (every rank)
     sampling.py    each row's next token with its own parameters and generator (rank 0)
     detokenize.py  incremental text and stop sequences (rank 0)
+    formats.py     stream events and answers in LMI's or TGI's shape (rank 0; the one-at-a-time path too)
     loop.py        the engine as a whole: rank 0's loop, the other ranks' step
 """

@@ -36,6 +36,7 @@ class Sequence:
     text: str = ""  # decoded so far (may end in a partial stop sequence)
     sent: int = 0  # characters of `text` already streamed
     finish: str | None = None
+    seed: int | None = None  # the seed this sequence was sampled with (None: greedy)
     _prefix: int = 0
     _read: int = 0
 
@@ -124,5 +125,6 @@ class Sequence:
     def details(self) -> Details:
         tokens = [Token(id=t, text=self.tokenizer.decode([t]), log_prob=lp) for t, lp in zip(self.ids, self.log_probs)]
         return Details(finish_reason=self.finish or "length", generated_tokens=len(self.ids),
-                       prompt_tokens=self.prompt_tokens, seed=self.params.seed, tokens=tokens,
+                       prompt_tokens=self.prompt_tokens,
+                       seed=self.seed if self.seed is not None else self.params.seed, tokens=tokens,
                        top_tokens=self.top or None, prefill=self.prefill)

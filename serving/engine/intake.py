@@ -27,12 +27,14 @@ def wants_stream(item: Input, request: GenerateRequest) -> bool:
 
 
 def render_prompts(tokenizer, request: GenerateRequest) -> tuple[list[str], bool]:
-    """The request's prompt texts and whether the tokenizer should add special tokens (a chat template already
-    wrote them)."""
+    """The request's prompt texts, one per row (best_of rows repeat the one prompt), and whether the tokenizer
+    should add special tokens (a chat template already wrote them)."""
     if request.messages is not None:
         messages = [message.model_dump() for message in request.messages]
-        return [tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)], False
-    return ([request.inputs] if isinstance(request.inputs, str) else list(request.inputs)), True
+        prompts = [tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)]
+        return prompts * request.parameters.best_of, False
+    prompts = [request.inputs] if isinstance(request.inputs, str) else list(request.inputs)
+    return prompts * request.parameters.best_of, True
 
 
 def tokenize(tokenizer, request: GenerateRequest, max_len: int | None) -> tuple[list[str], list[list[int]]]:
@@ -40,8 +42,19 @@ def tokenize(tokenizer, request: GenerateRequest, max_len: int | None) -> tuple[
     `max_len`."""
     prompts, special = render_prompts(tokenizer, request)
     ids = tokenizer(prompts, add_special_tokens=special)["input_ids"]  # a list: the batch path releases the GIL
+    ids = truncate_prompts(ids, request.parameters.truncate, max_len)
     check_lengths([len(prompt) for prompt in ids], request.parameters.max_new_tokens, max_len)
     return prompts, ids
+
+
+def truncate_prompts(ids: list[list[int]], truncate: int | None, max_len: int | None) -> list[list[int]]:
+    """TGI's `truncate`: keep the last `truncate` tokens of each prompt (at least one token must stay free)."""
+    if truncate is None:
+        return ids
+    if max_len and truncate >= max_len:
+        raise RequestError(f"parameters.truncate: {truncate} must be below the {max_len} tokens a sequence may hold "
+                           f"(the model's context, or option.max_model_len)")
+    return [prompt[-truncate:] for prompt in ids]
 
 
 def check_lengths(lengths: list[int], wanted: int, max_len: int | None) -> None:

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from serving.engine import attention
 from serving.engine.detokenize import Sequence
+from serving.engine.formats import Answers, output_format
 from serving.engine.fuse import fuse_projections
 from serving.engine.graphs import Buckets, StepGraphs
 from serving.engine.intake import RequestError, parse_request, tokenize, wants_stream
@@ -33,7 +34,7 @@ from serving.engine.sampling import Draw, SamplingRow, sample
 from serving.engine.scheduler import Kept, Scheduler
 from serving.rank.inputs import Input
 from serving.rank.outputs import Output
-from serving.schemas import Token
+from serving.schemas import MAX_SEED, Token
 
 log = logging.getLogger("tpserve.engine")
 IDLE_WAIT = 0.5  # seconds the idle loop sleeps between looks at deadlines
@@ -306,12 +307,7 @@ class EngineLoop:
             text += sequence.close(reason)
             self.scheduler.release(row)
         if request.stream:
-            # a plain dict per token: a pydantic StreamToken costs as much as the forward's share of a row
-            event = {"token": {"id": draw.token, "text": text, "log_prob": draw.log_prob}}
-            if reason is not None:
-                event["generated_text"] = sequence.result(request.params.return_full_text).generated_text
-                event["details"] = sequence.details().model_dump(exclude_none=True)
-            frames.append(self.relay.chunk_frame(request.id, event))
+            frames.append(self.relay.chunk_frame(request.id, request.answers.event(sequence, text)))
         if reason is not None and request.done:
             frames.append(self._answer(request))
 
@@ -319,9 +315,7 @@ class EngineLoop:
         del self.requests[request.id]
         output = Output()
         if not request.stream:
-            body = [row.sequence.result(request.params.return_full_text).model_dump(exclude_none=True)
-                    for row in request.rows]
-            output.add_as_json(body if request.as_list else body[0])
+            output.add_as_json(request.answers.body([row.sequence for row in request.rows], request.as_list))
         usage = {"prompt_tokens": sum(len(row.prompt_ids) for row in request.rows),
                  "generated_tokens": sum(len(row.sequence.ids) for row in request.rows)}
         return {"kind": "response", "id": request.id, "output": output.for_item(0, 1), "usage": usage}
@@ -371,19 +365,21 @@ class EngineLoop:
         params = body.parameters
         as_list = isinstance(body.inputs, list)
         request = Request(rid, params, stream=wants_stream(item, body) and not as_list, as_list=as_list,
-                          deadline=time.monotonic() + self.engine.settings.predict_timeout)
+                          deadline=time.monotonic() + self.engine.settings.predict_timeout,
+                          answers=Answers(output_format(item), params, self.engine.tokenizer))
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         for index, (prompt, prompt_ids) in enumerate(zip(prompts, ids)):
-            generator = None
-            if params.do_sample and params.temperature > 0:
-                generator = torch.Generator(device=self.engine.device).manual_seed(seed + index)
-            request.rows.append(Row(request, prompt_ids, Sequence(self.engine.tokenizer, prompt, len(prompt_ids),
-                                                                  params), generator))
+            generator = row_seed = None
+            if params.sampling:
+                row_seed = (seed + index) % (MAX_SEED + 1)
+                generator = torch.Generator(device=self.engine.device).manual_seed(row_seed)
+            sequence = Sequence(self.engine.tokenizer, prompt, len(prompt_ids), params, seed=row_seed)
+            request.rows.append(Row(request, prompt_ids, sequence, generator))
         return request
 
 
 def prompt_details(tokenizer, row: Row) -> list[Token]:
-    """The prompt's tokens with the log-probability of each given the ones before it (the first has none)."""
+    """The prompt's tokens with the log-probability of each given the ones before it (the first has none: null)."""
     ids = row.prompt_ids
-    return [Token(id=ids[0], text=tokenizer.decode([ids[0]]), log_prob=float("nan"))] + [
+    return [Token(id=ids[0], text=tokenizer.decode([ids[0]]), log_prob=None)] + [
         Token(id=t, text=tokenizer.decode([t]), log_prob=lp) for t, lp in zip(ids[1:], row.prompt_log_probs)]

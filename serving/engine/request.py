@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 import torch
 
 from serving.engine.detokenize import Sequence
+from serving.engine.formats import Answers
 from serving.schemas import GenerationParameters
 
 
@@ -15,6 +16,7 @@ class Request:
     as_list: bool  # the body's inputs was a list: the answer is a list too
     deadline: float  # time.monotonic() past which it is answered 504 and dropped
     rows: list["Row"] = field(default_factory=list)
+    answers: Answers | None = None  # its stream events and answer, in LMI's or TGI's shape (formats.py)
 
     @property
     def done(self) -> bool:

@@ -1,7 +1,8 @@
 """Each row's next token, drawn with that row's own parameters and generator (rank 0 only).
 
-Greedy and sampled rows share one batch. Per row: repetition penalty over its prompt and output, the end of
-sequence held back until min_new_tokens, then temperature, top-k and top-p, then a draw from the row's own
+Greedy and sampled rows share one batch. Per row: repetition penalty over its prompt and output, frequency
+penalty over its output, the end of sequence held back until min_new_tokens, then temperature, top-k, top-p and
+typical-p, then a draw from the row's own
 torch.Generator, so a seeded request gives the same text alone or in a busy batch. The log-probability reported
 for a token is taken under the distribution it was drawn from (after the warpers), as TGI reports it.
 """
@@ -43,6 +44,8 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Draw]:
     for index, row in enumerate(rows):
         if row.params.repetition_penalty != 1.0:
             _penalise(scores, index, row)
+        if row.params.frequency_penalty and row.generated:
+            _frequency_penalty(scores, index, row)
     _hold_back_eos(scores, rows)
     greedy = [row.greedy for row in rows]
     if not all(greedy):
@@ -78,6 +81,13 @@ def _penalise(scores: torch.Tensor, index: int, row: SamplingRow) -> None:
         scores[index, ids] = torch.where(seen < 0, seen * penalty, seen / penalty)
 
 
+def _frequency_penalty(scores: torch.Tensor, index: int, row: SamplingRow) -> None:
+    """OpenAI's frequency penalty: lower each token's score by the penalty times its count in the output so far."""
+    output = torch.tensor(row.history()[-row.generated:], device=scores.device)
+    ids, counts = torch.unique(output, return_counts=True)
+    scores[index, ids] -= row.params.frequency_penalty * counts.to(scores.dtype)
+
+
 def _hold_back_eos(scores: torch.Tensor, rows: list[SamplingRow]) -> None:
     """No end of sequence before min_new_tokens: one masked write for every row that needs it."""
     held = [i for i, row in enumerate(rows) if row.generated < row.params.min_new_tokens]
@@ -109,4 +119,23 @@ def _warp(scores: torch.Tensor, rows: list[SamplingRow], greedy: list[bool]) -> 
         drop_sorted = (cumulative - ordered.softmax(dim=-1)) >= p
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
+    typical = [1.0 if g else row.params.typical_p for row, g in zip(rows, greedy)]
+    if any(mass < 1.0 for mass in typical):
+        scores = _typical(scores, typical)
     return scores
+
+
+def _typical(scores: torch.Tensor, masses: list[float]) -> torch.Tensor:
+    """Typical decoding (Meister et al. 2022, as transformers and TGI apply it): order each row's tokens by how far
+    their information (-log p) lies from the distribution's entropy and keep the closest ones until their
+    probability reaches the row's mass (at least one). Rows with mass 1.0 pass through unchanged."""
+    log_p = torch.log_softmax(scores, dim=-1)
+    p = log_p.exp()
+    entropy = -torch.nan_to_num(log_p * p).sum(dim=-1, keepdim=True)  # a removed token's -inf * 0 counts 0
+    order = torch.argsort((-log_p - entropy).abs(), dim=-1)  # most typical first; removed tokens (inf) last
+    in_order = p.gather(1, order)
+    mass = torch.tensor([m if m < 1.0 else float("inf") for m in masses], device=scores.device,
+                        dtype=scores.dtype)[:, None]
+    drop_sorted = (in_order.cumsum(dim=-1) - in_order) >= mass
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    return scores.masked_fill(drop, float("-inf"))

@@ -82,7 +82,7 @@ class Relay:
         if failed:
             self._send({"kind": "error", "code": 500, "message": "; ".join(failed)})
         else:
-            self._send({"kind": "ready"})
+            self._send({"kind": "ready", "model": self.worker.facts})
 
     def _run(self, unit: dict) -> None:
         ids = [item["id"] for item in unit["items"]]

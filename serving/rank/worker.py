@@ -31,6 +31,7 @@ class Worker:
         self.properties: dict[str, str] = {}
         self.handle: Callable[[Input], Output | None] | None = None
         self.engine = None  # the handler's rolling-batch engine, when it offers one
+        self.facts: dict = {}  # what the handler tells of its model once loaded (describe_model), for GET /info
 
     def load(self, unit: dict, on_stage: Callable[[str], None] = lambda stage: None) -> str | None:
         """Import the entry point and warm it up with an empty Input (DJL's initialisation call, where
@@ -52,6 +53,8 @@ class Worker:
             self.engine = make_engine(self.properties) if callable(make_engine) else None
             if self.engine is not None:
                 on_stage("engine_ready")  # KV cache allocated, warm-up step run
+            describe = getattr(module, "describe_model", None)  # optional: context length, dtype, device
+            self.facts = describe() if callable(describe) else {}
         except BaseException as exc:  # noqa: BLE001 - any failure, even SystemExit, must reach the front end
             log.exception("rank[%d] failed to load the model", self.rank)
             return explain(exc)

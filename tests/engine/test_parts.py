@@ -107,6 +107,59 @@ def test_repetition_penalty_and_min_new_tokens():
     assert sample(logits, [held])[0].token == 1
 
 
+def test_frequency_penalty_lowers_each_token_by_its_count_in_the_output():
+    logits = torch.tensor([[5.0, 4.5, 1.0]])
+    # the prompt (token 1) does not count; the output has token 0 twice: 5 - 2 * 0.5 = 4 < 4.5
+    row = SamplingRow(GenerationParameters(frequency_penalty=0.5), None, history=lambda: [1, 0, 0], generated=2,
+                      eos=set())
+    assert sample(logits, [row])[0].token == 1
+    row.params = GenerationParameters(frequency_penalty=0.2)  # 5 - 0.4 = 4.6 > 4.5
+    assert sample(logits, [row])[0].token == 0
+
+
+def test_typical_p_keeps_what_transformers_typical_warper_keeps():
+    from transformers.generation.logits_process import TypicalLogitsWarper
+
+    from serving.engine.sampling import _typical
+
+    scores = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 3
+    scores[1, :5] = float("-inf")  # tokens an earlier filter removed
+    masses = [0.3, 0.9, 1.0, 0.5]
+    ours = _typical(scores.clone(), masses)
+    for i, mass in enumerate(masses):
+        if mass < 1.0:
+            theirs = TypicalLogitsWarper(mass=mass)(None, scores[i:i + 1].clone())[0]
+            assert torch.equal(torch.isinf(ours[i]), torch.isinf(theirs))
+            assert 0 < int(torch.isfinite(ours[i]).sum()) < 64
+        else:
+            assert torch.equal(ours[i], scores[i])
+    seen = {sample(scores[:1], [sampling_row(do_sample=True, typical_p=0.3, seed=s)])[0].token for s in range(50)}
+    assert seen <= set(torch.isfinite(ours[0]).nonzero()[:, 0].tolist())
+
+
+def test_tgi_answers_name_special_tokens_and_never_send_nan(demo_model):
+    import json
+
+    from handlers.loading import load_tokenizer
+    from serving.engine.formats import TGI, Answers
+    from serving.schemas import Token
+
+    tokenizer = load_tokenizer(str(demo_model))
+    params = GenerationParameters(max_new_tokens=2, details=True, decoder_input_details=True)
+    sequence = Sequence(tokenizer, "Hi", 1, params)
+    sequence.prefill = [Token(id=1, text="Hi", log_prob=None)]
+    answers = Answers(TGI, params, tokenizer)
+    hello = tokenizer("Hello")["input_ids"][0]
+    first = answers.event(sequence, sequence.add(hello, -0.5, None))
+    assert first["index"] == 1 and first["token"]["special"] is False and first["generated_text"] is None
+    sequence.add(2, float("-inf"), None)  # <|im_end|>, with a log-probability JSON cannot carry
+    last = answers.event(sequence, sequence.close("eos_token"))
+    assert last["token"] == {"id": 2, "text": "<|im_end|>", "logprob": None, "special": True}
+    assert last["generated_text"] == "Hello" and last["details"]["finish_reason"] == "eos_token"
+    body = json.dumps(answers.body([sequence], listed=False), allow_nan=False)  # raises on NaN or Infinity
+    assert json.loads(body)["details"]["prefill"] == [{"id": 1, "text": "Hi", "logprob": None}]
+
+
 def test_the_fast_decoder_decodes_as_the_tokenizer_does(demo_model):
     from handlers.loading import load_tokenizer
     from serving.engine.detokenize import decoder
