@@ -36,6 +36,7 @@ class Sequence:
     text: str = ""  # decoded so far (may end in a partial stop sequence)
     sent: int = 0  # characters of `text` already streamed
     finish: str | None = None
+    constraint: object | None = None  # the row's grammar (constraints.Constraint), advanced with each token
     _prefix: int = 0
     _read: int = 0
 
@@ -43,6 +44,8 @@ class Sequence:
         """Append a token; returns the text that may be streamed now."""
         self.ids.append(token)
         self.log_probs.append(log_prob)
+        if self.constraint is not None:
+            self.constraint.advance(token)
         if top is not None:
             self.top.append(top)
         self.text += self._decode_increment()
@@ -63,9 +66,14 @@ class Sequence:
         return rest
 
     def finish_reason(self, token: int, eos: set[int]) -> str | None:
-        """Why the sequence ends with `token` (just added), or None: end of sequence once min_new_tokens were
-        generated, a complete stop sequence, or max_new_tokens."""
-        if token in eos and len(self.ids) >= self.params.min_new_tokens:
+        """Why the sequence ends with `token` (just added), or None: end of sequence (or one of stop_token_ids)
+        once min_new_tokens were generated and unless ignore_eos, a complete grammar, a complete stop sequence,
+        or max_new_tokens. A grammar decides its own end: min_new_tokens and ignore_eos do not hold it."""
+        params, constrained = self.params, self.constraint is not None
+        grown = len(self.ids) >= params.min_new_tokens or constrained
+        if grown and (token in params.stop_token_ids or (token in eos and (constrained or not params.ignore_eos))):
+            return "eos_token"
+        if constrained and self.constraint.complete:
             return "eos_token"
         if self._stop_cut() is not None:
             return "stop_sequence"

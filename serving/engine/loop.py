@@ -21,6 +21,7 @@ import torch
 from pydantic import ValidationError
 
 from serving.engine import attention
+from serving.engine.constraints import grammar_for
 from serving.engine.detokenize import Sequence
 from serving.engine.intake import RequestError, parse_request, tokenize, wants_stream
 from serving.engine.kv_cache import SlotCache, bytes_per_token, plan_slots
@@ -242,7 +243,8 @@ class EngineLoop:
                 kept[i].row.prompt_log_probs.append(value)
         rows = [kept[i].row for i in sampled]
         draws = sample(logits[sampled], [SamplingRow(row.request.params, row.generator, lambda row=row: row.history,
-                                                     len(row.sequence.ids), self.engine.eos) for row in rows])
+                                                     len(row.sequence.ids), self.engine.eos, row.sequence.constraint)
+                                         for row in rows])
         for row, draw in zip(rows, draws):
             self._advance(row, draw, frames)
         return frames
@@ -324,13 +326,14 @@ class EngineLoop:
         try:
             body = parse_request(item)
             prompts, ids = tokenize(self.intake_tokenizer, body, self.engine.max_len)
+            grammar = grammar_for(self.intake_tokenizer, body, self.engine.eos)
         except (ValidationError, ValueError, RequestError) as exc:  # UnicodeDecodeError is a ValueError
-            message = str(exc)
+            message, code = str(exc), getattr(exc, "code", 422)
             self.relay.send_frames([{"kind": "response", "id": rid,
-                                     "output": Output().error(message, code=422, message=message).for_item(0, 1)}])
+                                     "output": Output().error(message, code=code, message=message).for_item(0, 1)}])
             return None
         params = body.parameters
-        as_list = isinstance(body.inputs, list)
+        as_list = body.as_list
         request = Request(rid, params, stream=wants_stream(item, body) and not as_list, as_list=as_list,
                           deadline=time.monotonic() + self.engine.settings.predict_timeout)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
@@ -338,8 +341,9 @@ class EngineLoop:
             generator = None
             if params.do_sample and params.temperature > 0:
                 generator = torch.Generator(device=self.engine.device).manual_seed(seed + index)
-            request.rows.append(Row(request, prompt_ids, Sequence(self.engine.tokenizer, prompt, len(prompt_ids),
-                                                                  params), generator))
+            sequence = Sequence(self.engine.tokenizer, prompt, len(prompt_ids), params,
+                                constraint=grammar.constraint() if grammar else None)
+            request.rows.append(Row(request, prompt_ids, sequence, generator))
         return request
 
 
