@@ -35,8 +35,8 @@ def adjust(scores: torch.Tensor, rows: list) -> None:
     constrained = [i for i, row in enumerate(rows) if row.constraint is not None]
     if constrained:
         allowed = masks([rows[i].constraint for i in constrained], scores.shape[-1], scores.device)
-        index = torch.tensor(constrained, device=scores.device)
-        scores[index] = scores[index].masked_fill(~allowed, float("-inf"))
+        for at, index in enumerate(constrained):
+            scores[index].masked_fill_(~allowed[at], float("-inf"))
 
 
 def held_back(row) -> set[int]:
