@@ -76,24 +76,24 @@ class Constraint:
         return self.matcher.is_stopped()
 
 
-def masks(constraints: list[Constraint], vocab: int, device: torch.device) -> torch.Tensor:
-    """[len(constraints), vocab] booleans: the tokens each row's grammar allows next. Logits past the
-    tokenizer's vocabulary (padded embedding rows) are never allowed."""
-    words = (constraints[0].vocab + 31) // 32  # one request's rows share a tokenizer, and so do all requests
+def forbidden(constraints: list[Constraint], vocab: int, device: torch.device) -> torch.Tensor:
+    """[len(constraints), vocab] booleans: True where a row's grammar does not allow the token next. Logits
+    past the tokenizer's vocabulary (padded embedding rows) are always forbidden."""
+    size = constraints[0].vocab  # every row's tokenizer is the model's
+    words = (size + 31) // 32
     bitmask = numpy.empty((len(constraints), words), dtype=numpy.int32)
     for index, constraint in enumerate(constraints):
         constraint.matcher.unsafe_compute_mask_ptr(bitmask[index].ctypes.data, words * 4)
-    # token j is bit j % 32 of word j // 32; numpy unpacks it in microseconds (torch's shifts over a
-    # broadcast [rows, words, 32] took milliseconds on a busy CPU)
-    bits = numpy.unpackbits(bitmask.view(numpy.uint8), axis=1, bitorder="little")
-    allowed = torch.from_numpy(bits[:, :min(vocab, constraints[0].vocab)]).to(device).bool()
-    if allowed.shape[1] < vocab:
-        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
-    empty = ~allowed.any(dim=-1)
-    if empty.any():  # a failed matcher allows nothing: let the row end rather than draw from nothing
-        for index in empty.nonzero()[:, 0].tolist():
-            allowed[index, [t for t in constraints[index].eos if t < vocab]] = True
-    return allowed
+    # token j is bit j % 32 of word j // 32: numpy unpacks it in microseconds (torch's shifts over a broadcast
+    # [rows, words, 32] took milliseconds on a busy CPU)
+    allowed = numpy.unpackbits(bitmask.view(numpy.uint8), axis=1, bitorder="little")[:, :min(vocab, size)]
+    for index in numpy.flatnonzero(~allowed.any(axis=1)):
+        # a failed matcher allows nothing: let the row end rather than draw from nothing
+        allowed[index, [t for t in constraints[index].eos if t < allowed.shape[1]]] = 1
+    mask = torch.from_numpy(allowed == 0)
+    if mask.shape[1] < vocab:
+        mask = torch.nn.functional.pad(mask, (0, vocab - mask.shape[1]), value=True)
+    return mask.to(device)
 
 
 def _grammar_text(request: GenerateRequest) -> tuple[str | None, str]:

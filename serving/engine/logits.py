@@ -16,7 +16,7 @@ A row is anything with `params`, `generated` (tokens so far), `history()` (promp
 """
 import torch
 
-from serving.engine.constraints import masks
+from serving.engine.constraints import forbidden
 
 
 def adjust(scores: torch.Tensor, rows: list) -> None:
@@ -34,9 +34,9 @@ def adjust(scores: torch.Tensor, rows: list) -> None:
     _hold_back(scores, rows)
     constrained = [i for i, row in enumerate(rows) if row.constraint is not None]
     if constrained:
-        allowed = masks([rows[i].constraint for i in constrained], scores.shape[-1], scores.device)
+        mask = forbidden([rows[i].constraint for i in constrained], scores.shape[-1], scores.device)
         for at, index in enumerate(constrained):
-            scores[index].masked_fill_(~allowed[at], float("-inf"))
+            scores[index].masked_fill_(mask[at], float("-inf"))
 
 
 def held_back(row) -> set[int]:
