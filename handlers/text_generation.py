@@ -23,10 +23,12 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from handlers.loading import load_rank_model, load_tokenizer, resolve_dtype
+from serving.engine.constraints import grammar_for
 from serving.engine.detokenize import Sequence
 from serving.engine.formats import Answers, output_format
-from serving.engine.intake import (RequestError, check_lengths, parse_request, render_prompts, truncate_prompts,
-                                   wants_stream)
+from serving.engine.intake import RequestError, parse_request, tokenize, wants_stream
+from serving.engine.logits import adjust
+from serving.engine.sampling import SamplingRow
 from serving.rank.inputs import Input
 from serving.rank.outputs import Output
 from serving.schemas import GenerateRequest, GenerationParameters, Token
@@ -51,35 +53,31 @@ class TextGenerator:
                  time.monotonic() - started)
 
     def encode(self, request: GenerateRequest):
-        """Tokenise the request's prompts into one left-padded batch and check that they fit the model's context
-        with max_new_tokens more."""
-        prompts, special = render_prompts(self.tokenizer, request)
-        ids = self.tokenizer(prompts, add_special_tokens=special)["input_ids"]
-        ids = truncate_prompts(ids, request.parameters.truncate, self.context)
-        check_lengths([len(prompt) for prompt in ids], request.parameters.max_new_tokens, self.context)
-        encoded = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt")  # on the left (load_tokenizer)
-        return prompts, encoded
+        """Tokenise the request's prompts by the engine's rules (intake.tokenize: chat template and tools, token-id
+        prompts, the context check) into one left-padded batch, and compile its grammar, if any."""
+        prompts, ids = tokenize(self.tokenizer, request, self.context)
+        encoded = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+        return prompts, encoded, grammar_for(self.tokenizer, request, self.eos)
 
     def generate(self, prompts: list[str], encoded, params: GenerationParameters, cancelled,
-                 on_token=None) -> list["Sequence"]:
+                 on_token=None, grammar=None) -> list["Sequence"]:
         """Generate for every prompt at once; `on_token(sequence, token, text)` sees each token as it comes."""
         if params.seed is not None:
             torch.manual_seed(params.seed)
         encoded = encoded.to(self.device)
         lengths = encoded["attention_mask"].sum(dim=1).tolist()
         seed = torch.initial_seed() if params.sampling else None  # the request's, or the unit's (worker.py)
-        sequences = [Sequence(self.tokenizer, prompt, length, params, seed=seed)
+        sequences = [Sequence(self.tokenizer, prompt, length, params, seed=seed,
+                              constraint=grammar.constraint() if grammar else None)
                      for prompt, length in zip(prompts, lengths)]
         if params.details and params.decoder_input_details:
             self._prefill_details(encoded, sequences)
         agreement = GroupAgreement(self.tp, cancelled)
         steps = Steps(sequences, agreement, self.eos, params, on_token)
-        processors = [agreement]
-        if params.frequency_penalty:
-            processors.insert(0, FrequencyPenalty(params.frequency_penalty, encoded["input_ids"].shape[1]))
-        kwargs = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
-                      repetition_penalty=params.repetition_penalty, pad_token_id=self.tokenizer.pad_token_id,
-                      logits_processor=LogitsProcessorList(processors),
+        # min_new_tokens is held by RequestLogits (with stop_token_ids and ignore_eos), not by transformers
+        kwargs = dict(max_new_tokens=params.max_new_tokens, repetition_penalty=params.repetition_penalty,
+                      pad_token_id=self.tokenizer.pad_token_id,
+                      logits_processor=LogitsProcessorList([RequestLogits(sequences, self.eos), agreement]),
                       stopping_criteria=StoppingCriteriaList([steps]))
         if params.sampling:
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
@@ -106,20 +104,26 @@ class TextGenerator:
                 for i, t in enumerate(ids[1:])]
 
 
-class FrequencyPenalty(LogitsProcessor):
-    """OpenAI's frequency penalty, which transformers lacks: each token's score minus the penalty times its count
-    among the tokens generated so far (the columns after the prompt)."""
+class RequestLogits(LogitsProcessor):
+    """The engine's per-row logits rules (serving/engine/logits.py: OpenAI's penalties, logit_bias, end tokens
+    held back, a grammar's mask) for the rows still generating. It runs after transformers' repetition penalty and
+    before GroupAgreement and the temperature/top-k/top-p warpers, the engine's order."""
 
-    def __init__(self, penalty: float, prompt_width: int):
-        self.penalty = penalty
-        self.prompt_width = prompt_width
+    def __init__(self, sequences: list[Sequence], eos: set[int]):
+        self.sequences = sequences
+        self.eos = eos
 
     def __call__(self, input_ids, scores):
-        generated = input_ids[:, self.prompt_width:]
-        if not generated.shape[1]:
-            return scores
-        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
-        return scores - self.penalty * counts
+        live = [i for i, sequence in enumerate(self.sequences) if sequence.finish is None]
+        rows = [SamplingRow(s.params, None, lambda s=s: s.ids, len(s.ids), self.eos, s.constraint)
+                for s in (self.sequences[i] for i in live)]
+        if len(live) == len(self.sequences):
+            adjust(scores, rows)
+        elif live:
+            part = scores[live]
+            adjust(part, rows)
+            scores[live] = part
+        return scores
 
 
 class GroupAgreement(LogitsProcessor):
@@ -224,27 +228,27 @@ def handle(inputs: Input) -> Output | None:
         request = parse_request(item)
         answers = Answers(output_format(item), request.parameters, _generator.tokenizer)
         try:
-            prompts, encoded = _generator.encode(request)
+            prompts, encoded, grammar = _generator.encode(request)
         except RequestError as exc:
-            output.error(str(exc), code=422, message=str(exc), batch_index=batch_index)
+            output.error(str(exc), code=exc.code, message=str(exc), batch_index=batch_index)
             continue
         if wants_stream(item, request) and not inputs.is_batch():
-            return stream(_generator, prompts, encoded, request, item, answers)
-        sequences = _generator.generate(prompts, encoded, request.parameters, item.is_cancelled)
+            return stream(_generator, prompts, encoded, request, item, answers, grammar)
+        sequences = _generator.generate(prompts, encoded, request.parameters, item.is_cancelled, grammar=grammar)
         _log_cancelled(sequences)
-        output.add_as_json(answers.body(sequences, isinstance(request.inputs, list)), batch_index=batch_index)
+        output.add_as_json(answers.body(sequences, request.as_list), batch_index=batch_index)
     return output
 
 
 def stream(generator: TextGenerator, prompts: list[str], encoded, request: GenerateRequest, item: Input,
-           answers: Answers) -> Output:
+           answers: Answers, grammar=None) -> Output:
     """Send one stream event per generated token as generate() produces it (Input.write_chunk, on this thread:
     generate() in a second thread ran 3x slower per token on an H100, measured). The returned Output ends it."""
 
     def on_token(sequence: Sequence, token: int, text: str) -> None:
         item.write_chunk(answers.event(sequence, text))
 
-    _log_cancelled(generator.generate(prompts, encoded, request.parameters, item.is_cancelled, on_token))
+    _log_cancelled(generator.generate(prompts, encoded, request.parameters, item.is_cancelled, on_token, grammar))
     return Output()
 
 

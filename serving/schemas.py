@@ -15,8 +15,13 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
 MAX_MESSAGES = 512
 MAX_BEST_OF = 4  # sequences sampled for one prompt with best_of (each takes a row of the batch)
+MAX_LOGIT_BIAS = 1024  # token ids one request may bias
+MAX_TOOLS = 128
+MAX_PROMPT_TOKENS = 1_000_000  # token ids in one prompt given as ids
 Prompt = Annotated[str, Field(min_length=1)]
 StopSequence = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_TOKENS)]
 # every model refuses NaN and +-Infinity (Python's json accepts them)
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -68,8 +73,6 @@ class GenerationParameters(BaseModel):
     details.best_of_sequences (TGI). Needs sampling and a single, unstreamed input."""
     watermark: bool = False
     """TGI's watermarking: not supported (true is refused)."""
-    grammar: Any = None
-    """TGI's grammar-constrained decoding: not supported (only null is accepted)."""
     adapter_id: Any = None
     """TGI's LoRA adapter: not supported (only null is accepted)."""
     return_full_text: bool = False
@@ -78,13 +81,27 @@ class GenerationParameters(BaseModel):
     """With details: the prompt's tokens and their log-probabilities (`details.prefill`)."""
     top_n_tokens: int = Field(0, ge=0, le=20)
     """With details: the n most likely tokens at each step (`details.top_tokens`)."""
+    ignore_eos: bool = False
+    """Generate exactly max_new_tokens: the end-of-sequence token is held back and never ends the text."""
+    stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
+    """Tokens that end the text as the end-of-sequence token does (also held back until min_new_tokens)."""
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    """OpenAI's: subtracted once from the logit of every token generated so far."""
+    logit_bias: dict[TokenId, Annotated[float, Field(ge=-100.0, le=100.0)]] = Field(
+        default_factory=dict, max_length=MAX_LOGIT_BIAS)
+    """Token id -> a value added to its logit before sampling (OpenAI's logit_bias; -100 forbids, 100 forces)."""
+    grammar: "Grammar | None" = None
+    """Constrain the text to a JSON schema or a regular expression (TGI's `grammar`)."""
+    clip_to_context: bool = False
+    """Generate at most up to the end of the context instead of refusing a max_new_tokens that does not fit
+    (what OpenAI chat does without max_tokens)."""
 
     @field_validator("stop_sequences", "stop", mode="before")
     @classmethod
     def _one_stop_sequence(cls, value):
         return [value] if isinstance(value, str) else value
 
-    @field_validator("watermark", "grammar", "adapter_id")
+    @field_validator("watermark", "adapter_id")
     @classmethod
     def _unsupported(cls, value, info):
         if value not in (None, False):
@@ -105,17 +122,108 @@ class GenerationParameters(BaseModel):
     def sampling(self) -> bool:
         return self.do_sample and self.temperature > 0
 
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _token_ids_from_json_keys(cls, value):
+        """JSON object keys are strings: "123" names token 123."""
+        if isinstance(value, dict):
+            return {int(key) if isinstance(key, str) and key.isdigit() else key: bias for key, bias in value.items()}
+        return value
 
-class ChatMessage(BaseModel):
+
+class Grammar(BaseModel):
+    """TGI's shape: `{"type": "json", "value": <JSON schema>}` or `{"type": "regex", "value": "<pattern>"}`."""
+
     model_config = STRICT
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    type: Literal["json", "regex"]
+    value: dict[str, Any] | str
+
+    @model_validator(mode="after")
+    def _value_fits_type(self):
+        if (self.type == "json") != isinstance(self.value, dict):
+            raise ValueError("a json grammar's value is a JSON schema (an object); a regex grammar's is a string")
+        return self
+
+
+class FunctionDefinition(BaseModel):
+    """One tool, as OpenAI describes it (and chat templates expect it)."""
+
+    model_config = STRICT
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    """A JSON schema for the arguments; absent means no arguments."""
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    model_config = STRICT
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionCall(BaseModel):
+    model_config = STRICT
+
+    name: str
+    arguments: str
+    """The arguments as a JSON text (OpenAI's form)."""
+
+
+class ToolCall(BaseModel):
+    model_config = STRICT
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class NamedFunction(BaseModel):
+    model_config = STRICT
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """Call this function (and nothing else)."""
+
+    model_config = STRICT
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class ChatMessage(BaseModel):
+    """One message for the chat template. Tool calls and tool results need a template that renders them."""
+
+    model_config = STRICT
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _content_or_calls(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (only an assistant message with tool_calls may omit it)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
 
 
 class GenerateRequest(BaseModel):
     """The DJL/LMI body: `{"inputs": "..." | ["...", ...], "parameters": {...}, "stream": false}`, or
-    `{"messages": [{"role", "content"}, ...], ...}` to have the model's chat template applied."""
+    `{"messages": [{"role", "content"}, ...], ...}` to have the model's chat template applied, or
+    `{"input_ids": [ids] | [[ids], ...]}` for prompts already tokenised. With messages, `tools` go to the chat
+    template and `tool_choice` decides whether the model may (auto), must (required, or a named function) or
+    may not (none) call one; serving/tools.py has the format."""
 
     model_config = STRICT
 
@@ -125,19 +233,43 @@ class GenerateRequest(BaseModel):
         return _nulls_are_defaults(data)
 
     inputs: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS)] | None = None
+    input_ids: TokenIds | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)] | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
+    tools: Annotated[list[ToolDefinition], Field(min_length=1, max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice = "auto"
+    parallel_tool_calls: bool = True
+    """False: at most one tool call (a forced call is exactly one)."""
     parameters: GenerationParameters = Field(default_factory=GenerationParameters)
     stream: bool = False
 
     @model_validator(mode="after")
     def _one_prompt_source(self):
-        if (self.inputs is None) == (self.messages is None):
-            raise ValueError("give exactly one of inputs and messages")
-        if self.stream and isinstance(self.inputs, list):
+        if sum(source is not None for source in (self.inputs, self.input_ids, self.messages)) != 1:
+            raise ValueError("give exactly one of inputs, input_ids and messages")
+        if self.stream and (isinstance(self.inputs, list) or self.several_id_prompts):
             raise ValueError("stream needs a single input, not a list")
         if self.parameters.best_of > 1 and (self.stream or isinstance(self.inputs, list)):
             raise ValueError("parameters.best_of > 1 needs a single input and no stream")
+        if self.tools is not None and self.messages is None:
+            raise ValueError("tools need messages (the chat template renders them)")
+        if self.tool_choice != "auto" and self.tools is None:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in {
+                tool.function.name for tool in self.tools}:
+            raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not among the tools")
         return self
+
+    @property
+    def several_id_prompts(self) -> bool:
+        return bool(self.input_ids) and isinstance(self.input_ids[0], list)
+
+    @property
+    def as_list(self) -> bool:
+        """The prompts came as a list: the answer is a list too."""
+        return isinstance(self.inputs, list) or self.several_id_prompts
+
+
+GenerationParameters.model_rebuild()
 
 
 def finite(value: float | None) -> float | None:

@@ -37,6 +37,7 @@ class Sequence:
     sent: int = 0  # characters of `text` already streamed
     finish: str | None = None
     seed: int | None = None  # the seed this sequence was sampled with (None: greedy)
+    constraint: object | None = None  # the row's grammar (constraints.Constraint), advanced with each token
     _prefix: int = 0
     _read: int = 0
 
@@ -44,6 +45,8 @@ class Sequence:
         """Append a token; returns the text that may be streamed now."""
         self.ids.append(token)
         self.log_probs.append(log_prob)
+        if self.constraint is not None:
+            self.constraint.advance(token)
         if top is not None:
             self.top.append(top)
         self.text += self._decode_increment()
@@ -64,17 +67,28 @@ class Sequence:
         return rest
 
     def finish_reason(self, token: int, eos: set[int]) -> str | None:
-        """Why the sequence ends with `token` (just added), or None: end of sequence once min_new_tokens were
-        generated, max_new_tokens, or a complete stop sequence."""
-        return self.token_finish(token, eos, len(self.ids)) or ("stop_sequence" if self.stopped() else None)
+        """Why the sequence ends with `token` (just added), or None: see token_finish and text_finish."""
+        return self.token_finish(token, eos, len(self.ids)) or self.text_finish()
 
     def token_finish(self, token: int, eos: set[int], generated: int) -> str | None:
-        """The ends that the token id alone decides, `token` being the `generated`-th token: end of sequence
-        (once min_new_tokens were generated) and max_new_tokens. Known before the token is detokenised."""
-        if token in eos and generated >= self.params.min_new_tokens:
+        """The ends that the token id alone decides, `token` being the `generated`-th token, known before it is
+        detokenised: end of sequence (or one of stop_token_ids) once min_new_tokens were generated and unless
+        ignore_eos, and max_new_tokens. A grammar decides its own end: min_new_tokens and ignore_eos do not hold
+        it."""
+        params, constrained = self.params, self.constraint is not None
+        grown = generated >= params.min_new_tokens or constrained
+        if grown and (token in params.stop_token_ids or (token in eos and (constrained or not params.ignore_eos))):
             return "eos_token"
-        if generated >= self.params.max_new_tokens:
+        if generated >= params.max_new_tokens:
             return "length"
+        return None
+
+    def text_finish(self) -> str | None:
+        """The ends known once the last token is added: a complete grammar, a complete stop sequence."""
+        if self.constraint is not None and self.constraint.complete:
+            return "eos_token"
+        if self.stopped():
+            return "stop_sequence"
         return None
 
     def stopped(self) -> bool:

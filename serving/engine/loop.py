@@ -21,6 +21,7 @@ import torch
 from pydantic import ValidationError
 
 from serving.engine import attention
+from serving.engine.constraints import grammar_for
 from serving.engine.detokenize import Sequence
 from serving.engine.formats import Answers, output_format
 from serving.engine.fuse import fuse_projections
@@ -276,7 +277,8 @@ class EngineLoop:
         if len(sampled) < len(kept):
             logits = logits[sampled]
         draws = sample(logits, [SamplingRow(row.request.params, row.generator, lambda row=row: row.history,
-                                            len(row.sequence.ids), self.engine.eos) for row in rows])
+                                            len(row.sequence.ids), self.engine.eos, row.sequence.constraint)
+                                for row in rows])
         for row, draw in zip(rows, draws):
             row.ending = row.sequence.token_finish(draw.token, self.engine.eos, len(row.sequence.ids) + 1)
             if row.ending is None and row.cached >= self.engine.max_len:
@@ -302,7 +304,7 @@ class EngineLoop:
             sequence.prefill = prompt_details(tokenizer, row)
         top = [Token(id=i, text=tokenizer.decode([i]), log_prob=lp) for i, lp in draw.top] if draw.top else None
         text = sequence.add(draw.token, draw.log_prob, top)
-        reason = row.ending or ("stop_sequence" if sequence.stopped() else None)
+        reason = row.ending or sequence.text_finish()
         if reason is not None:
             text += sequence.close(reason)
             self.scheduler.release(row)
@@ -357,13 +359,14 @@ class EngineLoop:
         try:
             body = parse_request(item)
             prompts, ids = tokenize(self.intake_tokenizer, body, self.engine.max_len)
+            grammar = grammar_for(self.intake_tokenizer, body, self.engine.eos)
         except (ValidationError, ValueError, RequestError) as exc:  # UnicodeDecodeError is a ValueError
-            message = str(exc)
+            message, code = str(exc), getattr(exc, "code", 422)
             self.relay.send_frames([{"kind": "response", "id": rid,
-                                     "output": Output().error(message, code=422, message=message).for_item(0, 1)}])
+                                     "output": Output().error(message, code=code, message=message).for_item(0, 1)}])
             return None
         params = body.parameters
-        as_list = isinstance(body.inputs, list)
+        as_list = body.as_list
         request = Request(rid, params, stream=wants_stream(item, body) and not as_list, as_list=as_list,
                           deadline=time.monotonic() + self.engine.settings.predict_timeout,
                           answers=Answers(output_format(item), params, self.engine.tokenizer))
@@ -373,7 +376,8 @@ class EngineLoop:
             if params.sampling:
                 row_seed = (seed + index) % (MAX_SEED + 1)
                 generator = torch.Generator(device=self.engine.device).manual_seed(row_seed)
-            sequence = Sequence(self.engine.tokenizer, prompt, len(prompt_ids), params, seed=row_seed)
+            sequence = Sequence(self.engine.tokenizer, prompt, len(prompt_ids), params, seed=row_seed,
+                                constraint=grammar.constraint() if grammar else None)
             request.rows.append(Row(request, prompt_ids, sequence, generator))
         return request
 

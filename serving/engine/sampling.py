@@ -1,8 +1,8 @@
 """Each row's next token, drawn with that row's own parameters and generator (rank 0 only).
 
-Greedy and sampled rows share one batch. Per row: repetition penalty over its prompt and output, frequency
-penalty over its output, the end of sequence held back until min_new_tokens, then temperature, top-k, top-p and
-typical-p, then a draw from the row's own
+Greedy and sampled rows share one batch. Per row: repetition penalty over its prompt and output, then what
+logits.py applies (OpenAI's penalties, logit_bias, end tokens held back, a grammar's mask), then temperature,
+top-k, top-p and typical-p, then a draw from the row's own
 torch.Generator, so a seeded request gives the same text alone or in a busy batch. The log-probability reported
 for a token is taken under the distribution it was drawn from (after the warpers), as TGI reports it.
 """
@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from serving.engine.logits import adjust
 from serving.schemas import GenerationParameters
 
 
@@ -27,9 +28,10 @@ class SamplingRow:
 
     params: GenerationParameters
     generator: torch.Generator | None
-    history: Callable[[], list[int]]  # prompt and output so far, for the repetition penalty (asked only then)
+    history: Callable[[], list[int]]  # prompt and output so far, for the penalties (asked only then)
     generated: int  # tokens generated so far, for min_new_tokens
     eos: set[int]
+    constraint: object | None = None  # the row's place in its grammar (constraints.Constraint)
 
     @property
     def greedy(self) -> bool:
@@ -44,9 +46,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Draw]:
     for index, row in enumerate(rows):
         if row.params.repetition_penalty != 1.0:
             _penalise(scores, index, row)
-        if row.params.frequency_penalty and row.generated:
-            _frequency_penalty(scores, index, row)
-    _hold_back_eos(scores, rows)
+    adjust(scores, rows)
     greedy = [row.greedy for row in rows]
     if not all(greedy):
         scores = _warp(scores, rows, greedy)
@@ -79,22 +79,6 @@ def _penalise(scores: torch.Tensor, index: int, row: SamplingRow) -> None:
         seen = scores[index, ids]
         penalty = row.params.repetition_penalty
         scores[index, ids] = torch.where(seen < 0, seen * penalty, seen / penalty)
-
-
-def _frequency_penalty(scores: torch.Tensor, index: int, row: SamplingRow) -> None:
-    """OpenAI's frequency penalty: lower each token's score by the penalty times its count in the output so far."""
-    output = torch.tensor(row.history()[-row.generated:], device=scores.device)
-    ids, counts = torch.unique(output, return_counts=True)
-    scores[index, ids] -= row.params.frequency_penalty * counts.to(scores.dtype)
-
-
-def _hold_back_eos(scores: torch.Tensor, rows: list[SamplingRow]) -> None:
-    """No end of sequence before min_new_tokens: one masked write for every row that needs it."""
-    held = [i for i, row in enumerate(rows) if row.generated < row.params.min_new_tokens]
-    eos = sorted({token for i in held for token in rows[i].eos})
-    if held and eos:
-        device = scores.device
-        scores[torch.tensor(held, device=device)[:, None], torch.tensor(eos, device=device)[None, :]] = float("-inf")
 
 
 def _warp(scores: torch.Tensor, rows: list[SamplingRow], greedy: list[bool]) -> torch.Tensor:

@@ -263,7 +263,7 @@ def test_info_and_health(server):
 BAD = [
     # (route, body, status, words the error must contain)
     ("/generate", {"inputs": "x", "parameters": {"watermark": True}}, 422, "watermark"),
-    ("/generate", {"inputs": "x", "parameters": {"grammar": {"type": "json", "value": {}}}}, 422, "grammar"),
+    ("/generate", {"inputs": "x", "parameters": {"grammar": {"type": "xml", "value": "<a/>"}}}, 422, "grammar"),
     ("/generate", {"inputs": "x", "parameters": {"adapter_id": "lora"}}, 422, "adapter_id"),
     ("/generate", {"inputs": "x", "parameters": {"typical_p": 1.5}}, 422, "typical_p"),
     ("/generate", {"inputs": "x", "parameters": {"frequency_penalty": 3}}, 422, "frequency_penalty"),
