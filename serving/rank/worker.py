@@ -111,7 +111,11 @@ def seed_everything(seed: int) -> None:
     except ImportError:
         pass
     import torch
-    torch.manual_seed(seed)
+    # Not torch.manual_seed: on a machine without a GPU it also queues lazy seeds for CUDA, XPU and MTIA, each
+    # with a formatted stack trace, ~0.4 ms per call on every rank for every unit (2 us this way).
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
 
 
 def encode_chunk(item: Any) -> bytes:
