@@ -5,9 +5,11 @@ and the chunks/s of one long stream (bench/chunks.py).
     python -m bench.frontend                        # wrk if installed, else the Python load generator below
     python -m bench.frontend --tool python --rounds 3 --batch-size 1 --batch-size 32
 
-Each round measures the bare app and then every tpserve model back to back, so a box whose load drifts (other
-people's test runs) shifts both sides of a ratio alike; the report gives every round and the medians. Prints
-Markdown rows for BENCHMARKS.md and writes the raw numbers as JSON with --out.
+Each round measures the bare app and then every tpserve model back to back, in short runs, so a box whose load
+drifts (other people's test runs) shifts both sides of a ratio alike: the share of bare is the median of the
+rounds' own ratios. Each run also records the CPU seconds per request of the bare app, of tpserve's front end and
+of its ranks (with mpirun), which a busy box inflates less than it moves requests/s. Prints Markdown rows for
+BENCHMARKS.md and writes the raw numbers as JSON with --out.
 """
 import argparse
 import asyncio
@@ -22,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import requests
 
 from tests.server import ROOT, Server, free_port
@@ -36,8 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tool", choices=["auto", "wrk", "python"], default="auto")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per many-connection measurement")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per many-connection measurement")
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--batch-size", type=int, action="append", help="tpserve batch_size (repeatable; "
                         "default 1); batch_size > 1 runs with max_batch_delay=1")
     parser.add_argument("--chunks", type=int, default=200_000, help="chunks in the one-stream measurement (0: skip)")
@@ -75,18 +78,33 @@ def main(argv: list[str] | None = None) -> None:
             urls = {size: server.url(f"/predictions/{name}") for size, name in names.items()}
             for url in [bare_url, *urls.values()]:  # warm-up: first requests import and allocate
                 load.run(url, connections=args.connections, duration=1.0)
+            bare_procs = {"server": [psutil.Process(bare.pid)]}
+            tpserve_procs = {"front end": [psutil.Process(server.process.pid)],
+                             "ranks": [p for p in server.descendants() if "serving.namespace" not in " ".join(p.cmdline())]}
+
+            def measure(url: str, procs: dict, connections: int, duration: float) -> dict:
+                before = cpu_seconds(procs)
+                result = load.run(url, connections, duration)
+                after = cpu_seconds(procs)
+                result["cpu_us_per_request"] = {name: (after[name] - before[name]) / max(1, result["requests"]) * 1e6
+                                                for name in procs}
+                return result
+
             for index in range(args.rounds):
-                row = {"bare": load.run(bare_url, args.connections, args.duration)}
+                row = {"bare": measure(bare_url, bare_procs, args.connections, args.duration)}
                 for size, url in urls.items():
-                    row[f"tpserve_b{size}"] = load.run(url, args.connections, args.duration)
-                row["bare_c1"] = load.run(bare_url, 1, args.duration / 2)
+                    row[f"tpserve_b{size}"] = measure(url, tpserve_procs, args.connections, args.duration)
+                row["bare_c1"] = measure(bare_url, bare_procs, 1, args.duration / 2)
                 for size, url in urls.items():
-                    row[f"tpserve_b{size}_c1"] = load.run(url, 1, args.duration / 2)
+                    row[f"tpserve_b{size}_c1"] = measure(url, tpserve_procs, 1, args.duration / 2)
                 report["rounds"].append(row)
                 print(f"round {index + 1}: " + ", ".join(f"{k} {v['rps']:,.0f} req/s p50 {v['p50_ms']:.2f} ms"
                                                          for k, v in row.items()), flush=True)
             if args.chunks:
                 report["stream"] = [stream_rate(server.url("/predictions/chunks"), args.chunks) for _ in range(3)]
+            if any(v["errors"] for r in report["rounds"] for v in r.values()):  # say why, before the log is gone
+                report["server_log_errors"] = [line for line in server.log_tail(2000).splitlines()
+                                               if " ERROR " in line or " WARNING tpserve.worker_group" in line][-40:]
         finally:
             server.stop()
             bare.terminate()
@@ -104,26 +122,47 @@ def print_summary(report: dict, batch_sizes: list[int]) -> None:
     def median(key: str, field: str) -> float:
         return statistics.median(r[key][field] for r in rounds)
 
+    def cpu(key: str) -> str:
+        names = rounds[0][key]["cpu_us_per_request"]
+        return " + ".join(f"{statistics.median(r[key]['cpu_us_per_request'][n] for r in rounds):.0f} ({n})"
+                          for n in names)
+
     bare = median("bare", "rps")
     print(f"\ncommit {report['commit']}, {report['tool']}, {report['connections']} connections, "
           f"{report['duration_s']:g} s each, {len(rounds)} rounds, load average {report['load_before'][0]:.1f} "
           f"before / {report['load_after'][0]:.1f} after\n")
-    print(f"| server | {report['connections']} connections, req/s | share of bare | 1 connection, p50 |")
-    print("|---|---|---|---|")
-    print(f"| bare aiohttp | {bare:,.0f} | - | {median('bare_c1', 'p50_ms'):.2f} ms |")
+    print(f"| server | {report['connections']} connections, req/s | share of bare (median of the rounds' ratios) | "
+          f"1 connection, p50 | CPU us per request at {report['connections']} connections |")
+    print("|---|---|---|---|---|")
+    print(f"| bare aiohttp | {bare:,.0f} | - | {median('bare_c1', 'p50_ms'):.2f} ms | {cpu('bare')} |")
     for size in batch_sizes:
         key = f"tpserve_b{size}"
-        rps = median(key, "rps")
-        shares = ", ".join(f"{r[key]['rps'] / r['bare']['rps']:.0%}" for r in rounds)
-        print(f"| tpserve, batch_size={size} | {rps:,.0f} | {rps / bare:.0%} (rounds: {shares}) | "
-              f"{median(key + '_c1', 'p50_ms'):.2f} ms |")
+        shares = [r[key]["rps"] / r["bare"]["rps"] for r in rounds]
+        listed = ", ".join(f"{share:.0%}" for share in shares)
+        print(f"| tpserve, batch_size={size} | {median(key, 'rps'):,.0f} | {statistics.median(shares):.0%} "
+              f"(rounds: {listed}) | {median(key + '_c1', 'p50_ms'):.2f} ms | {cpu(key)} |")
     errors = {k: v["errors"] for r in rounds for k, v in r.items() if v["errors"]}
     if errors:
         print(f"\nERRORS (non-2xx or socket errors): {errors}")
+        print("\n".join(report.get("server_log_errors", [])))
     if report.get("stream"):
         rates = [s["chunks_per_s"] for s in report["stream"]]
         print(f"\none stream: {statistics.median(rates):,.0f} chunks/s (runs: "
               + ", ".join(f"{r:,.0f}" for r in rates) + ")")
+
+
+def cpu_seconds(procs: dict[str, list[psutil.Process]]) -> dict[str, float]:
+    totals = {}
+    for name, group in procs.items():
+        total = 0.0
+        for proc in group:
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                pass
+        totals[name] = total
+    return totals
 
 
 def write_model(path: Path, properties: dict[str, str]) -> None:
@@ -181,13 +220,14 @@ class Wrk:
         out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
                               "-s", self.script.name, url], capture_output=True, text=True, check=True).stdout
         rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+        count = int(re.search(r"(\d+) requests in", out).group(1))
         p50 = re.search(r"^\s+50%\s+([\d.]+)(us|ms|s)\b", out, re.M)
         scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[p50.group(2)]
         errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses:\s+(\d+)", out))
         socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
         if socket_errors:
             errors += sum(int(n) for n in socket_errors.groups())
-        return {"rps": rps, "p50_ms": float(p50.group(1)) * scale, "errors": errors}
+        return {"rps": rps, "requests": count, "p50_ms": float(p50.group(1)) * scale, "errors": errors}
 
 
 class PythonLoad:
@@ -228,7 +268,8 @@ class PythonLoad:
         began = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(connections)))
         elapsed = time.perf_counter() - began
-        return {"rps": len(latencies) / elapsed, "p50_ms": statistics.median(latencies) * 1000, "errors": errors[0]}
+        return {"rps": len(latencies) / elapsed, "requests": len(latencies),
+                "p50_ms": statistics.median(latencies) * 1000, "errors": errors[0]}
 
 
 if __name__ == "__main__":
