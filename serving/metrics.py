@@ -16,6 +16,8 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from serving.frames import Chunk, Frame, Response, Started
+
 log = logging.getLogger("tpserve.metrics")
 disable_created_metrics()  # the *_created series double the exposition and no dashboard reads them
 
@@ -58,6 +60,7 @@ class Metrics:
         self.batch = Histogram("tpserve_batch_occupancy", "Requests in one unit of work rank 0 started", model,
                                buckets=BATCH_BUCKETS, registry=self.registry)
         self._bound: dict[tuple[str, str], dict] = {}
+        self._request_counters: dict[tuple[str, str, str, int], Counter] = {}
         self.registry.register(StateCollector(models, draining))
         self.registry.register(GpuCollector(models, nvml))
 
@@ -72,6 +75,14 @@ class Metrics:
             names = ("queue_wait", "ttft", "itl", "tpot", "e2e", "batch", "prompt_tokens", "generated_tokens")
             children = self._bound[key] = {name: getattr(self, name).labels(model, version) for name in names}
         return children
+
+    def count_request(self, model: str, version: str, route: str, code: int) -> None:
+        """One answered HTTP request (its counter child cached, like `bound`)."""
+        key = (model, version, route, code)
+        child = self._request_counters.get(key)
+        if child is None:
+            child = self._request_counters[key] = self.requests.labels(model, version, route, str(code))
+        child.inc()
 
     def forget(self, model: str, version: str) -> None:
         """Drop an unregistered model version's series."""
@@ -100,17 +111,9 @@ class RequestTimer:
         self.ended: float | None = None
         self._last_chunk: bytes | None = None
 
-    def on_frame(self, frame: dict) -> None:
+    def on_frame(self, frame: Frame) -> None:
         now = time.monotonic()
-        kind = frame["kind"]
-        if kind == "started":
-            if self.queue_wait is None:
-                self.queue_wait = now - self.submitted
-                self._observe("queue_wait", self.queue_wait)
-                ids = frame.get("ids") or []
-                if ids and ids[0] == self.pending_id:  # once per unit: by the unit's first request
-                    self._observe("batch", len(ids))
-        elif kind == "chunk":
+        if isinstance(frame, Chunk):
             if self.first is None:
                 self.first = now
                 self._observe("ttft", now - self.submitted)
@@ -118,8 +121,15 @@ class RequestTimer:
                 self._observe("itl", now - self.last)
             self.last = now
             self.chunks += 1
-            self._last_chunk = frame.get("data")
-        elif kind == "response":
+            self._last_chunk = frame.data
+        elif isinstance(frame, Started):
+            if self.queue_wait is None:
+                self.queue_wait = now - self.submitted
+                self._observe("queue_wait", self.queue_wait)
+                ids = frame.ids
+                if ids and ids[0] == self.pending_id:  # once per unit: by the unit's first request
+                    self._observe("batch", len(ids))
+        elif isinstance(frame, Response):
             self.ended = now
             self._count_tokens(frame)
 
@@ -140,13 +150,12 @@ class RequestTimer:
         if self.instruments is not None:
             self.instruments[name].observe(value)
 
-    def _count_tokens(self, frame: dict) -> None:
+    def _count_tokens(self, frame: Response) -> None:
         """An engine may put `usage` on the response frame; otherwise LMI answers carry `details` (the last
         streamed chunk, or the body when the client asked for details)."""
-        usage = frame.get("usage")
+        usage = frame.usage
         if usage is None:
-            output = frame.get("output") or {}
-            content = output.get("content") or []
+            content = frame.output.get("content") or []
             body = content[0][1] if content else None
             usage = lmi_usage(self._last_chunk if self.chunks else body)
         if usage:
@@ -157,6 +166,8 @@ class RequestTimer:
 def lmi_usage(data: bytes | None) -> dict | None:
     """Token counts from an LMI or TGI answer (`{"details": {"prompt_tokens", "generated_tokens"}}`, or a list)."""
     if not data or len(data) > USAGE_PARSE_LIMIT or data.lstrip()[:1] not in (b"{", b"["):
+        return None
+    if b"details" not in data and b"\\u" not in data:  # no such key, not even escaped: no parse (an echo's body)
         return None
     try:
         body = json.loads(data)

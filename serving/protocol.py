@@ -1,20 +1,9 @@
-"""Frames between the front end and rank 0: a 4-byte big-endian length, then a msgpack map.
+"""Frames between the front end and rank 0 on the wire: a 4-byte big-endian length, then a msgpack map.
 
 Every frame is a map with a `kind` and, where it concerns one request, its request `id`, so many requests
-can be in flight on one socket. The kinds:
-
-    front end -> rank 0            rank 0 -> front end
-    init       {properties}        ready      {}               model loaded on every rank
-    request    {id, input}         response   {id, output}     the handler's Output for that request
-    cancel     {id}                chunk      {id, data}       one streamed piece (Output.add_stream_content)
-    heartbeat  {seq}               error      {id?, code, message}   id missing: the whole group failed
-    shutdown   {}                  heartbeat  {seq, progress, has_work, queued, engine?}  progress: a counter
-                                                of steps, chunks and units that must move while has_work;
-                                                engine: {running, waiting, kv_used_tokens, kv_total_tokens}
-                                   started    {ids}            rank 0 began work on these requests (queue wait)
-                                   progress   {stage}          optional, while loading (weights_loaded, ...)
-
-The same encoding is used for the units rank 0 broadcasts to the other ranks (`pack` / `unpack`).
+can be in flight on one socket. The kinds, their fields and their classes are in serving/frames.py; this
+module only frames bytes (and `read_frame` / `recv_frame` read one raw map, as the front end does while a
+group loads).
 """
 import asyncio
 import socket

@@ -17,13 +17,15 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from serving import namespace
 from serving.config import ModelConfig
+from serving.frames import (FROM_RANK, Cancel, Chunk, Error, Frame, FrameBuffer, Heartbeat, HeartbeatReply, Init,
+                            Progress, Ready, Request, RequestInput, Response, Shutdown, Started, encode)
 from serving.namespace import Namespace
-from serving.protocol import ProtocolError, encode, read_frame
+from serving.protocol import ProtocolError
 from serving.rank import beat
 
 log = logging.getLogger("tpserve.worker_group")
@@ -50,12 +52,76 @@ class QueueFull(GroupUnavailable):
     pass
 
 
-@dataclass
 class Pending:
-    """One request in flight: rank 0's frames for it (chunk..., then response or error) arrive on `frames`."""
+    """One request in flight: rank 0's frames for it (chunk..., then response or error), in order. Lighter than
+    an asyncio.Queue: one deque, and a future only while its reader waits. A `started` frame goes to `on_started`
+    when one is set (the request's timer), so it costs no wake-up of the request's task."""
 
-    id: int
-    frames: asyncio.Queue = field(default_factory=asyncio.Queue)
+    __slots__ = ("id", "on_started", "_frames", "_waiter")
+
+    def __init__(self, id: int):
+        self.id = id
+        self.on_started: Callable[[Started], None] | None = None
+        self._frames: collections.deque[Frame] = collections.deque()
+        self._waiter: asyncio.Future | None = None
+
+    def push(self, frame: Frame) -> None:
+        self._frames.append(frame)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def next(self) -> Frame:
+        while not self._frames:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._frames.popleft()
+
+    def ready(self) -> int:
+        """Frames that arrived and were not taken yet."""
+        return len(self._frames)
+
+
+class RankConnection(asyncio.Protocol):
+    """The socket to rank 0. Every frame one read brought is handed to `on_frame` in that read's callback (no
+    task to wake per frame); `on_lost` hears why the connection ended (None: rank 0 closed it)."""
+
+    def __init__(self, on_frame: Callable[[Frame], None], on_lost: Callable[[Exception | None], None]):
+        self.on_frame, self.on_lost = on_frame, on_lost
+        self.transport: asyncio.Transport | None = None
+        self._frames = FrameBuffer(FROM_RANK)
+        self._lost = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self._frames.feed(data)
+        except ProtocolError as exc:
+            self.transport.close()
+            self._report(exc)
+            return
+        for frame in frames:
+            self.on_frame(frame)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._report(exc)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _report(self, exc: Exception | None) -> None:
+        if not self._lost:
+            self._lost = True
+            self.on_lost(exc)
 
 
 class WorkerGroup:
@@ -76,8 +142,9 @@ class WorkerGroup:
         self.requests: dict[int, Pending] = {}
         self._ids = itertools.count(1)
         self._process: asyncio.subprocess.Process | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._tasks: list[asyncio.Task] = []  # the frame reader and the watchdog of the current group
+        self._connection: RankConnection | None = None
+        self._outbox: list[bytes] = []  # frames for rank 0 written together at the end of this event-loop turn
+        self._tasks: list[asyncio.Task] = []  # the watchdog of the current group (and a failure being handled)
         self._log_task: asyncio.Task | None = None
         self._failed = asyncio.Event()
         self._stopping = False
@@ -154,33 +221,42 @@ class WorkerGroup:
         namespace.record_group(self._dir, self._process.pid, self._master_port if self.config.uses_mpi else None)
         self._log_task = asyncio.create_task(self._pump_log())  # ends by itself when the ranks' output closes
         self._tasks = []
+        loading: asyncio.Queue = asyncio.Queue()  # rank 0's frames until it is ready; an exception if it left
         try:
             async with asyncio.timeout(self.config.model_loading_timeout):
-                reader = await self._connect(socket_path)
+                await self._connect(socket_path, loading.put_nowait,
+                                    lambda exc: loading.put_nowait(exc or ConnectionError("rank 0 closed the socket")))
                 self.load_progress["ranks_up"] = time.monotonic() - started  # rank 0 listens once all ranks joined
-                self._send({"kind": "init", "properties": self.config.handler_properties(),
-                            "entry_point": self.config.entry_point_module()})
-                frame = await read_frame(reader)
-                while frame["kind"] == "progress":  # optional load stages from rank 0 (weights_loaded, ...)
-                    self.load_progress[str(frame.get("stage"))] = time.monotonic() - started
-                    frame = await read_frame(reader)
+                self._send(Init(self.config.handler_properties(), self.config.entry_point_module()))
+                frame = await next_loading_frame(loading)
+                while isinstance(frame, Progress):  # optional load stages from rank 0 (weights_loaded, ...)
+                    self.load_progress[str(frame.stage)] = time.monotonic() - started
+                    frame = await next_loading_frame(loading)
         except TimeoutError:
             await self._kill()
             raise GroupUnavailable(f"model {self.name} did not load within option.model_loading_timeout="
                                    f"{self.config.model_loading_timeout} s") from None
-        except (GroupUnavailable, OSError, asyncio.IncompleteReadError) as exc:
+        except (GroupUnavailable, OSError, ProtocolError) as exc:
             await self._kill()
             raise GroupUnavailable(f"model {self.name}: the ranks exited while loading "
                                    f"({self._exit_status()}): {self._last_lines()}") from exc
-        if frame["kind"] != "ready":
+        if not isinstance(frame, Ready):
             await self._kill()
-            raise GroupUnavailable(f"model {self.name} failed to load: {frame.get('message')}")
+            reason = frame.message if isinstance(frame, Error) else f"rank 0 sent a {frame.kind} frame"
+            raise GroupUnavailable(f"model {self.name} failed to load: {reason}")
         self.loaded_in = time.monotonic() - started
         self.load_progress["ready"] = self.loaded_in
-        self.model_facts = frame.get("model") or {}
+        self.model_facts = frame.model or {}
         self._last_heartbeat = self._progress_at = self._ready_at = time.monotonic()
         self.state = State.READY
-        self._tasks += [asyncio.create_task(self._read_frames(reader)), asyncio.create_task(self._watch())]
+        self._connection.on_frame, self._connection.on_lost = self._on_frame, self._on_connection_lost
+        while not loading.empty():  # whatever arrived with `ready`
+            frame = loading.get_nowait()
+            if isinstance(frame, Exception):
+                self._on_connection_lost(frame)
+            else:
+                self._on_frame(frame)
+        self._tasks.append(asyncio.create_task(self._watch()))
         log.info("Model [%s] initialized: loaded on %d rank(s) in %d ms.", self.name, self.config.world_size,
                  self.loaded_in * 1000)
 
@@ -189,8 +265,8 @@ class WorkerGroup:
         self._stopping = True
         ready = self.state == State.READY
         self.state = State.STOPPED
-        if ready and self._writer is not None and self._process is not None and self._process.returncode is None:
-            self._send({"kind": "shutdown"})
+        if ready and self._connection is not None and self._process is not None and self._process.returncode is None:
+            self._send(Shutdown())
             try:
                 await asyncio.wait_for(self._process.wait(), 5)
             except TimeoutError:
@@ -200,7 +276,7 @@ class WorkerGroup:
         self._failed.set()
 
     # --- requests ------------------------------------------------------------------------------
-    def submit(self, request_input: dict) -> Pending:
+    def submit(self, request_input: RequestInput) -> Pending:
         """Queue one request for rank 0; its frames arrive on the returned Pending's queue."""
         if self.state != State.READY:
             raise GroupUnavailable(f"model {self.name} is {self.state.value.lower()}"
@@ -210,58 +286,65 @@ class WorkerGroup:
                             f"(job_queue_size={self.config.job_queue_size})")
         pending = Pending(next(self._ids))
         self.requests[pending.id] = pending
-        self._send({"kind": "request", "id": pending.id, "input": request_input})
+        self._send(Request(pending.id, request_input))
         return pending
 
     def cancel(self, pending: Pending) -> None:
         """The client is gone: drop the request if queued, stop its generation if running."""
         if self.requests.pop(pending.id, None) is not None and self.state == State.READY:
-            self._send({"kind": "cancel", "id": pending.id})
+            self._send(Cancel(pending.id))
 
     # --- inside the group ----------------------------------------------------------------------
-    async def _connect(self, socket_path: str) -> asyncio.StreamReader:
+    async def _connect(self, socket_path: str, on_frame: Callable[[Frame], None],
+                       on_lost: Callable[[Exception | None], None]) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             if self._process.returncode is not None:
                 raise GroupUnavailable("exited")
             try:
-                reader, self._writer = await asyncio.open_unix_connection(socket_path, limit=2**20)
-                return reader
+                _, self._connection = await loop.create_unix_connection(lambda: RankConnection(on_frame, on_lost),
+                                                                        socket_path)
+                return
             except (FileNotFoundError, ConnectionRefusedError):
                 await asyncio.sleep(0.05)
 
-    async def _read_frames(self, reader: asyncio.StreamReader) -> None:
-        try:
-            while True:
-                frame = await read_frame(reader)
-                kind = frame["kind"]
-                if kind == "heartbeat":
-                    self._on_heartbeat(frame)
-                elif kind == "started":  # rank 0 began a unit of these requests: the front end times queue wait
-                    for rid in frame.get("ids", ()):
-                        if rid in self.requests:
-                            self.requests[rid].frames.put_nowait(frame)
-                elif "id" in frame:
-                    pending = self.requests.get(frame["id"])
-                    if pending is None:
-                        continue  # its client left and the request was cancelled
-                    if kind != "chunk":
-                        del self.requests[frame["id"]]
-                    pending.frames.put_nowait(frame)
-                else:
-                    await self._group_failed(f"rank 0 reported: {frame.get('message')}")
-                    return
-        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError) as exc:
-            await self._group_failed(f"connection to rank 0 lost ({type(exc).__name__}: {exc}; {self._exit_status()})")
+    def _on_frame(self, frame: Frame) -> None:
+        """A frame from rank 0 of a ready group: to its request, or the group's own (heartbeat replies)."""
+        if isinstance(frame, (Chunk, Response)) or (isinstance(frame, Error) and frame.id is not None):
+            pending = self.requests.get(frame.id)
+            if pending is None:
+                return  # its client left and the request was cancelled
+            if not isinstance(frame, Chunk):
+                del self.requests[frame.id]
+            pending.push(frame)
+        elif isinstance(frame, HeartbeatReply):
+            self._on_heartbeat(frame)
+        elif isinstance(frame, Started):  # rank 0 began a unit of these requests: queue wait is timed
+            for rid in frame.ids:
+                pending = self.requests.get(rid)
+                if pending is not None:
+                    pending.on_started(frame) if pending.on_started is not None else pending.push(frame)
+        else:
+            reason = frame.message if isinstance(frame, Error) else f"an unexpected {frame.kind} frame"
+            self._fail_soon(f"rank 0 reported: {reason}")
 
-    def _on_heartbeat(self, frame: dict) -> None:
+    def _on_connection_lost(self, exc: Exception | None) -> None:
+        what = f"{type(exc).__name__}: {exc}" if exc is not None else "rank 0 closed it"
+        self._fail_soon(f"connection to rank 0 lost ({what}; {self._exit_status()})")
+
+    def _fail_soon(self, reason: str) -> None:
+        if self.state == State.READY:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._group_failed(reason)))
+
+    def _on_heartbeat(self, frame: HeartbeatReply) -> None:
         now = time.monotonic()
         self._last_heartbeat = now
-        progress, has_work = frame.get("progress", 0), bool(frame.get("has_work"))
+        progress, has_work = frame.progress, frame.has_work
         # The stall clock runs only while there is work: an idle group makes no progress and is fine.
         if progress != self._progress or not (has_work or self._has_work):
             self._progress, self._progress_at = progress, now
         self._has_work = has_work
-        self.rank_queued, self.engine_stats = frame.get("queued", 0), frame.get("engine")
+        self.rank_queued, self.engine_stats = frame.queued, frame.engine
 
     async def _watch(self) -> None:
         """Heartbeats out; a dead, stopped, silent or stalled group is failed, a late one suspected."""
@@ -280,7 +363,7 @@ class WorkerGroup:
                     log.info("model %s: healthy again", self.name)
             self.suspect = problem
             seq += 1
-            self._send({"kind": "heartbeat", "seq": seq})
+            self._send(Heartbeat(seq))
 
     def _health(self) -> tuple[str | None, bool]:
         """(what looks wrong, whether it is bad enough to fail the group) from beats, answers and progress."""
@@ -334,12 +417,22 @@ class WorkerGroup:
 
     def _fail_requests(self, code: int, message: str) -> None:
         for pending in self.requests.values():
-            pending.frames.put_nowait({"kind": "error", "id": pending.id, "code": code, "message": message})
+            pending.push(Error(code, message, pending.id))
         self.requests.clear()
 
-    def _send(self, frame: dict) -> None:
-        if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(encode(frame))
+    def _send(self, frame: Frame) -> None:
+        """Queue a frame for rank 0. Every frame queued in one event-loop turn (the requests of every connection
+        that was readable) goes in one write, so rank 0 reads them in one system call and broadcasts them together."""
+        if self._connection is None:
+            return
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.append(encode(frame))
+
+    def _flush(self) -> None:
+        data, self._outbox = b"".join(self._outbox), []
+        if self._connection is not None:
+            self._connection.write(data)
 
     async def _pump_log(self) -> None:
         """Forward the ranks' output (mpirun tags each line with [job,rank]) into our log."""
@@ -357,9 +450,11 @@ class WorkerGroup:
         for task in self._tasks:
             if task is not current:
                 task.cancel()
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if self._connection is not None:
+            self._connection.on_frame = self._connection.on_lost = lambda _: None  # this group is over
+            self._connection.close()
+            self._connection = None
+        self._outbox = []
         if self._dir is not None:
             group_dir, self._dir = self._dir, None
             alive = await asyncio.to_thread(namespace.kill_group, group_dir)
@@ -375,6 +470,13 @@ class WorkerGroup:
 
     def _last_lines(self, count: int = 8) -> str:
         return " | ".join(list(self.recent_log)[-count:])
+
+
+async def next_loading_frame(loading: asyncio.Queue) -> Frame:
+    item = await loading.get()
+    if isinstance(item, Exception):
+        raise item if isinstance(item, (OSError, ProtocolError)) else ConnectionError(str(item))
+    return item
 
 
 def launch_command(config: ModelConfig, socket_path: str) -> list[str]:

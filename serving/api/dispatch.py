@@ -7,13 +7,14 @@ from the frames relayed: any handler, custom streams included) and where its X-R
 properties the ranks see.
 """
 import asyncio
-import contextlib
-from typing import AsyncIterator
 
 from serving.api.observe import current
+from serving.frames import Chunk, Frame
 from serving.metrics import RequestTimer
 from serving.registry import ModelVersion
-from serving.worker_group import GroupUnavailable, QueueFull
+from serving.worker_group import GroupUnavailable, Pending, QueueFull, WorkerGroup
+
+TIMED_OUT = object()  # pushed to a request's frames when option.predict_timeout passes
 
 
 class DispatchError(Exception):
@@ -22,44 +23,66 @@ class DispatchError(Exception):
         self.code, self.type, self.message = code, type_, message
 
 
-@contextlib.asynccontextmanager
-async def dispatch(model: ModelVersion, body: bytes, headers: dict[str, str]) -> AsyncIterator[AsyncIterator[dict]]:
+def dispatch(model: ModelVersion, body: bytes, headers: dict[str, str]) -> "Exchange":
     """`async with dispatch(...) as frames: async for frame in frames:` yields the request's chunk frames, then
-    its response or error frame. Leaving the block early (client gone, timeout, error) cancels the request."""
-    context = current()
-    context.model, context.version = model.name, model.version
-    timer = RequestTimer(context.metrics, model.name, model.version)
-    try:
-        group = model.pick()
-        pending = group.submit({"properties": {**headers, "x-request-id": context.id}, "content": {"data": body}})
-    except QueueFull as exc:
-        raise DispatchError(503, "QueueFull", str(exc)) from None
-    except GroupUnavailable as exc:
-        raise DispatchError(503, "ServiceUnavailable", str(exc)) from None
-    timer.pending_id = pending.id
-    deadline = asyncio.get_running_loop().time() + model.config.predict_timeout
+    its response or error frame. Leaving the block early (client gone, timeout, error) cancels the request.
+    `frames.ready()` tells whether more frames are already here, so a stream can write them in one go."""
+    return Exchange(model, body, headers)
 
-    async def frames() -> AsyncIterator[dict]:
-        while True:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    frame = await pending.frames.get()
-            except TimeoutError:
-                raise DispatchError(504, "Timeout", f"no answer within option.predict_timeout="
-                                                    f"{model.config.predict_timeout} s") from None
-            timer.on_frame(frame)
-            if frame["kind"] == "started":  # for the timer only
-                continue
-            yield frame
-            if frame["kind"] != "chunk":
-                return
 
-    try:
-        yield frames()
-    finally:
-        group.cancel(pending)  # a no-op once the final frame has arrived
-        timer.finish()
-        record(context, timer)
+class Exchange:
+    """One request's submission and its frames (see dispatch)."""
+
+    __slots__ = ("model", "body", "headers", "context", "timer", "group", "pending", "_deadline", "_done")
+
+    def __init__(self, model: ModelVersion, body: bytes, headers: dict[str, str]):
+        self.model, self.body, self.headers = model, body, headers
+        self._done = False
+
+    async def __aenter__(self) -> "Exchange":
+        context = self.context = current()
+        model = self.model
+        context.model, context.version = model.name, model.version
+        self.timer = RequestTimer(context.metrics, model.name, model.version)
+        try:
+            self.group: WorkerGroup = model.pick()
+            self.pending: Pending = self.group.submit({"properties": {**self.headers, "x-request-id": context.id},
+                                                       "content": {"data": self.body}})
+        except QueueFull as exc:
+            raise DispatchError(503, "QueueFull", str(exc)) from None
+        except GroupUnavailable as exc:
+            raise DispatchError(503, "ServiceUnavailable", str(exc)) from None
+        self.timer.pending_id = self.pending.id
+        self.pending.on_started = self.timer.on_frame  # the queue wait is timed as the frame arrives
+        # one timer for the whole exchange rather than a timeout around every frame
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_at(loop.time() + model.config.predict_timeout, self.pending.push, TIMED_OUT)
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self._deadline.cancel()
+        self.group.cancel(self.pending)  # a no-op once the final frame has arrived
+        self.timer.finish()
+        record(self.context, self.timer)
+
+    def __aiter__(self) -> "Exchange":
+        return self
+
+    async def __anext__(self) -> Frame:
+        if self._done:
+            raise StopAsyncIteration
+        frame = await self.pending.next()
+        if frame is TIMED_OUT:
+            self._done = True
+            raise DispatchError(504, "Timeout", f"no answer within option.predict_timeout="
+                                                f"{self.model.config.predict_timeout} s")
+        self.timer.on_frame(frame)
+        if not isinstance(frame, Chunk):
+            self._done = True
+        return frame
+
+    def ready(self) -> bool:
+        return self.pending.ready() > 0
 
 
 def record(context, timer: RequestTimer) -> None:

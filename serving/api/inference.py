@@ -15,6 +15,7 @@ from serving.api.dispatch import DispatchError, dispatch
 from serving.api.errors import UNION_BRANCHES, describe_validation_error, error_response  # noqa: F401 (openai.py)
 from serving.config import BUILTIN_HANDLER
 from serving.engine.formats import FORMAT_PROPERTY
+from serving.frames import Chunk, OutputBody, Response
 from serving.registry import REGISTRY, ModelVersion, UnknownModel
 from serving.schemas import GenerateRequest
 
@@ -52,20 +53,30 @@ async def _infer(request: web.Request, pick) -> web.StreamResponse:
     if problem is not None:
         return problem
     stream: web.StreamResponse | None = None
+    lines: list[bytes] = []  # chunks that arrived together, written together
     try:
         async with dispatch(group, body, headers) as frames:
             async for frame in frames:
-                if frame["kind"] == "response":  # the whole answer, or the end of a stream
+                if isinstance(frame, Chunk):
                     if stream is None:
-                        return output_response(frame["output"])
+                        stream = await start_stream(request, group, frame.properties or {})
+                    lines.append(stream_line(stream, frame.data))
+                    if not frames.ready():
+                        await stream.write(b"".join(lines))
+                        lines.clear()
+                    continue
+                if lines:
+                    await stream.write(b"".join(lines))
+                    lines.clear()
+                if isinstance(frame, Response):  # the whole answer, or the end of a stream
+                    if stream is None:
+                        return output_response(frame.output)
                     await stream.write_eof()
                     return stream
-                if frame["kind"] == "error":
-                    return await finish_with_error(stream, frame["code"], frame["message"])
-                if stream is None:
-                    stream = await start_stream(request, group, frame.get("properties", {}))
-                await stream.write(stream_line(stream, frame["data"]))
+                return await finish_with_error(stream, frame.code, frame.message)  # an Error frame
     except DispatchError as exc:
+        if lines:
+            await stream.write(b"".join(lines))
         return await finish_with_error(stream, exc.code, exc.message, exc.type)
     return stream
 
@@ -131,7 +142,7 @@ def is_utf8(body: bytes) -> bool:
     return True
 
 
-def output_response(output: dict) -> web.Response:
+def output_response(output: OutputBody) -> web.Response:
     """A handler's Output as an HTTP response: its code, its properties as headers, its first content."""
     code = output["code"]
     content = output["content"]

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from serving.api.dispatch import DispatchError, dispatch
 from serving.api.errors import RETRY_AFTER
+from serving.frames import Chunk, Error, Response
 from serving.registry import REGISTRY, UnknownModel
 from serving.schemas import (MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_NEW_TOKENS, MAX_PROMPTS, MAX_SEED, MAX_STOP_SEQUENCES,
                              MAX_TOOLS, FunctionDefinition, NamedToolChoice, Prompt, StopSequence, TokenId,
@@ -427,10 +428,10 @@ def _mean_log_prob(generation: dict) -> float:
 async def _ask(group, lmi: bytes) -> Any:
     async with dispatch(group, lmi, {"content-type": "application/json"}) as frames:
         async for frame in frames:
-            if frame["kind"] == "error":
-                raise DispatchError(frame["code"], "HandlerError", frame["message"])
-            if frame["kind"] == "response":
-                output = frame["output"]
+            if isinstance(frame, Error):
+                raise DispatchError(frame.code, "HandlerError", frame.message)
+            if isinstance(frame, Response):
+                output = frame.output
                 content = output["content"][0][1] if output["content"] else b"{}"
                 answer = _json_or_none(content)
                 if output["code"] >= 400:
@@ -526,14 +527,15 @@ async def _stream(request: web.Request, group, body: OpenAIRequest, kind: str) -
     try:
         async with dispatch(group, lmi_body(body, body.seed, stream=True), {"content-type": "application/json"}) as frames:
             async for frame in frames:
-                if frame["kind"] != "chunk":
+                if not isinstance(frame, Chunk):
                     if response is None:  # failed before the first token: an ordinary error response
-                        message = frame.get("message") or "the handler answered without streaming"
-                        return rank_error(DispatchError(frame.get("code", 500), "HandlerError", message), body)
-                    if frame["kind"] == "error":
-                        await fail(frame["code"], frame["message"])
+                        code, message = (frame.code, frame.message) if isinstance(frame, Error) else (500, "")
+                        message = message or "the handler answered without streaming"
+                        return rank_error(DispatchError(code, "HandlerError", message), body)
+                    if isinstance(frame, Error):
+                        await fail(frame.code, frame.message)
                     break
-                event = _json_or_none(frame["data"])
+                event = _json_or_none(frame.data)
                 if not isinstance(event, dict) or not isinstance(event.get("token", {}), (dict, type(None))):
                     raise DispatchError(424, "HandlerError", "the handler streamed something that is not an LMI "
                                                              "token event")

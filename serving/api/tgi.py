@@ -25,6 +25,7 @@ from serving.api.errors import RETRY_AFTER, describe_validation_error
 from serving.config import BUILTIN_HANDLER
 from serving.drain import DRAIN
 from serving.engine.formats import FORMAT_PROPERTY, TGI, TGI_LIST
+from serving.frames import Chunk, Response
 from serving.registry import REGISTRY, ModelVersion, UnknownModel
 from serving.schemas import (MAX_BEST_OF, MAX_PROMPTS, MAX_STOP_SEQUENCES, GenerateRequest, TGIError,
                              TGIGenerateRequest)
@@ -134,17 +135,17 @@ async def relay(request: web.Request, model: ModelVersion, body: bytes, headers:
     try:
         async with dispatch(model, body, headers) as frames:
             async for frame in frames:
-                if frame["kind"] == "chunk":
+                if isinstance(frame, Chunk):
                     if stream is None:
                         stream = web.StreamResponse(headers=SSE_HEADERS)
                         await stream.prepare(request)
-                    await stream.write(b"data:" + frame["data"].rstrip(b"\n") + b"\n\n")
-                elif frame["kind"] == "response" and stream is None:
-                    return answer(frame["output"])
-                elif frame["kind"] == "response":
+                    await stream.write(b"data:" + frame.data.rstrip(b"\n") + b"\n\n")
+                elif isinstance(frame, Response) and stream is None:
+                    return answer(frame.output)
+                elif isinstance(frame, Response):
                     break
                 else:
-                    return await fail(stream, frame["code"], frame["message"])
+                    return await fail(stream, frame.code, frame.message)  # an Error frame
     except DispatchError as exc:
         return await fail(stream, 429 if exc.type == "QueueFull" else exc.code, exc.message)
     if stream is None:  # the frames ended without an answer

@@ -33,6 +33,7 @@ from serving.engine.request import Request, Row
 from serving.engine.runner import ModelRunner
 from serving.engine.sampling import Draw, SamplingRow, sample
 from serving.engine.scheduler import Kept, Scheduler
+from serving.frames import Error, Frame, Request as RequestFrame, Response, Started, Step
 from serving.rank.inputs import Input
 from serving.rank.outputs import Output
 from serving.schemas import MAX_SEED, Token
@@ -223,8 +224,8 @@ class EngineLoop:
         now = time.monotonic()
         for request in [r for r in self.requests.values() if r.deadline < now]:
             self._drop(request, "cancelled")
-            self.relay.send_frames([{"kind": "error", "id": request.id, "code": 504, "message":
-                                     f"no answer within option.predict_timeout={self.engine.settings.predict_timeout:g} s"}])
+            self.relay.send_frames([Error(504, f"no answer within option.predict_timeout="
+                                              f"{self.engine.settings.predict_timeout:g} s", request.id)])
         return True
 
     def _take_cancels(self) -> list[Request]:
@@ -253,9 +254,9 @@ class EngineLoop:
         if plan.n_tokens:
             admitted = {self.scheduler.row_in(chunk.slot).request.id for chunk in plan.prefill if chunk.start == 0}
             if admitted:  # the front end measures queue wait and batch occupancy from it
-                self.relay.send_frames([{"kind": "started", "ids": sorted(admitted)}])
+                self.relay.send_frames([Started(sorted(admitted))])
             self.relay.working = True  # has work: the watchdog expects progress
-            self.relay.comm.broadcast({"kind": "step", "plan": plan.pack()})
+            self.relay.comm.broadcast(Step(plan.pack()))
             logits = self.engine.step(plan)
         drawn, self.drawn = self.drawn, []
         self.relay.send_frames(self._emit(drawn))
@@ -289,15 +290,15 @@ class EngineLoop:
                 self.scheduler.release(row)
         return list(zip(rows, draws))
 
-    def _emit(self, drawn: list[tuple[Row, Draw]]) -> list[dict]:
+    def _emit(self, drawn: list[tuple[Row, Draw]]) -> list[Frame]:
         """Detokenise and stream each drawn token, finish the rows that end; the frames to send."""
-        frames: list[dict] = []
+        frames: list[Frame] = []
         for row, draw in drawn:
             if not row.done:  # else cancelled, expired or stopped since the draw: its token is dropped
                 self._advance(row, draw, frames)
         return frames
 
-    def _advance(self, row: Row, draw: Draw, frames: list[dict]) -> None:
+    def _advance(self, row: Row, draw: Draw, frames: list[Frame]) -> None:
         sequence, request = row.sequence, row.request
         tokenizer = self.engine.tokenizer
         if not sequence.ids and request.params.details and request.params.decoder_input_details:
@@ -320,7 +321,7 @@ class EngineLoop:
             output.add_as_json(request.answers.body([row.sequence for row in request.rows], request.as_list))
         usage = {"prompt_tokens": sum(len(row.prompt_ids) for row in request.rows),
                  "generated_tokens": sum(len(row.sequence.ids) for row in request.rows)}
-        return {"kind": "response", "id": request.id, "output": output.for_item(0, 1), "usage": usage}
+        return Response(request.id, output.for_item(0, 1), usage)
 
     def _drop(self, request: Request, reason: str) -> None:
         for row in request.rows:
@@ -330,7 +331,7 @@ class EngineLoop:
         self.requests.pop(request.id, None)
 
     def _fail_all(self, code: int, message: str) -> None:
-        frames = [{"kind": "error", "id": rid, "code": code, "message": message} for rid in self.requests]
+        frames = [Error(code, message, rid) for rid in self.requests]
         for request in list(self.requests.values()):
             self._drop(request, "cancelled")
         self.relay.send_frames(frames)
@@ -353,17 +354,16 @@ class EngineLoop:
                     self.inbox.append(request)
                 relay.cond.notify_all()
 
-    def _admit(self, rid: int, frame: dict) -> Request | None:
+    def _admit(self, rid: int, frame: RequestFrame) -> Request | None:
         """Parse and tokenise one request; a bad one is answered here (422) and never reaches a step."""
-        item = Input({**frame["input"]["properties"], **self.engine.properties}, frame["input"]["content"])
+        item = Input({**frame.input["properties"], **self.engine.properties}, frame.input["content"])
         try:
             body = parse_request(item)
             prompts, ids = tokenize(self.intake_tokenizer, body, self.engine.max_len)
             grammar = grammar_for(self.intake_tokenizer, body, self.engine.eos)
         except (ValidationError, ValueError, RequestError) as exc:  # UnicodeDecodeError is a ValueError
             message, code = str(exc), getattr(exc, "code", 422)
-            self.relay.send_frames([{"kind": "response", "id": rid,
-                                     "output": Output().error(message, code=code, message=message).for_item(0, 1)}])
+            self.relay.send_frames([Response(rid, Output().error(message, code=code, message=message).for_item(0, 1))])
             return None
         params = body.parameters
         as_list = body.as_list

@@ -1,30 +1,24 @@
 """How rank 0 hands each unit of work to the other ranks.
 
-A blocking mpi4py broadcast busy-polls: a waiting rank burns a whole core (measured: 6 s of CPU in 6 s of
-waiting, with or without mpi_yield_when_idle). So the other ranks sleep in select() on a loopback UDP socket.
-Rank 0 posts a non-blocking broadcast of the payload's length, then sends each rank a one-byte wake-up; a
-woken rank polls its posted broadcast (it completes within microseconds, rank 0 is already in it) and then
-takes the payload in a plain broadcast. Idle ranks wake twice a second to test the broadcast anyway, so even a
-lost datagram costs at most half a second, never a hang. All ranks of a group run on one host (one mpirun
-on localhost), which is what makes a loopback wake-up enough.
+Over one local stream socket per rank, not an MPI broadcast. A blocking mpi4py broadcast busy-polls: a waiting rank
+burns a whole core (measured: 6 s of CPU in 6 s of waiting, with or without mpi_yield_when_idle), and so does the
+root, until every rank has joined (measured with Open MPI 5: a 512-byte Bcast held the root 20 ms at full CPU
+while the other rank slept 20 ms). A rank waiting in recv() sleeps in the kernel and wakes when data comes; rank 0's
+write returns as soon as the kernel has the bytes, so it never waits for a rank to wake (only for a rank that has
+fallen a socket buffer behind). All ranks of a group run on one host (one mpirun on localhost), so rank 0 listens
+on an abstract Unix socket whose name the ranks learn from MPI once, at start; MPI stays for that and for `gather`.
 
-While units keep coming (the engine's steps, every few milliseconds), a woken rank would pay the wake-up's
-latency on every step, and every rank's step waits for the slowest at its first all-reduce. So for HOT seconds
-after each unit a rank spins on the posted broadcast instead of sleeping: a core per rank while the group
-generates, none when it is idle. Only with GPUs: on a CPU the ranks' cores compute the forward themselves.
+Each broadcast is an 8-byte length and a msgpack array of units (serving/frames.py: pack_units).
 """
-import select
+import os
 import socket
 import struct
-import time
 from typing import Any
 
-from serving.protocol import pack, unpack
+from serving.frames import Frame, pack_units, unpack_units
 
 LENGTH = struct.Struct(">q")
-IDLE_CHECK = 0.5  # seconds a sleeping rank waits between checks of its posted broadcast
-WOKEN_POLL_LIMIT = 1.0  # seconds a woken rank polls before going back to sleep
-HOT = 0.05  # seconds after a unit during which a rank spins for the next one
+READ_SIZE = 1 << 18  # bytes a rank reads at once: every broadcast that is already waiting
 
 
 class SoloComm:
@@ -32,10 +26,10 @@ class SoloComm:
 
     rank, size = 0, 1
 
-    def broadcast(self, unit: dict) -> None:
+    def broadcast(self, *units: Frame) -> None:
         pass
 
-    def receive(self) -> dict:
+    def receive(self) -> list[Frame]:
         raise RuntimeError("a single process never receives units")
 
     def gather(self, value: Any) -> list[Any]:
@@ -48,56 +42,63 @@ class MpiComm:
         self.comm = MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
-        self.wake = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.wake.bind(("127.0.0.1", 0))
-        self.wake.setblocking(False)
-        self.peers = self.comm.allgather(self.wake.getsockname()[1])[1:]
-        self.hot_until = 0.0
-        import torch  # the ranks have it loaded already
-        self.hot = HOT if torch.cuda.is_available() else 0.0
+        self.peers: list[socket.socket] = []  # rank 0: one socket per other rank, in rank order
+        self.source: socket.socket | None = None  # other ranks: the socket from rank 0
+        self._pending = bytearray()  # other ranks: bytes read past the last whole broadcast
+        name = None
+        if self.rank == 0:
+            name = f"\0tpserve-units-{os.getpid()}-{os.urandom(6).hex()}"  # abstract: no file to clean up
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(name)
+            listener.listen(self.size)
+        name = self.comm.bcast(name, root=0)
+        if self.rank == 0:
+            joined = {}
+            for _ in range(self.size - 1):
+                conn, _ = listener.accept()
+                joined[LENGTH.unpack(_recv_exactly(conn, LENGTH.size))[0]] = conn
+            listener.close()
+            self.peers = [joined[rank] for rank in range(1, self.size)]
+        else:
+            self.source = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.source.connect(name)
+            self.source.sendall(LENGTH.pack(self.rank))
+        self.comm.Barrier()  # every rank connected before anyone broadcasts
 
-    def broadcast(self, unit: dict) -> None:
-        """Rank 0: send `unit` to every other rank."""
-        payload = bytearray(pack(unit))
-        request = self.comm.Ibcast(bytearray(LENGTH.pack(len(payload))), root=0)
-        for port in self.peers:
-            self.wake.sendto(b"w", ("127.0.0.1", port))
-        request.Wait()
-        self.comm.Bcast(payload, root=0)
+    def broadcast(self, *units: Frame) -> None:
+        """Rank 0: send `units` to every other rank, in one message (requests that arrived together travel
+        together: one system call per rank for all of them)."""
+        payload = pack_units(list(units))
+        message = LENGTH.pack(len(payload)) + payload
+        for peer in self.peers:
+            peer.sendall(message)
 
-    def receive(self) -> dict:
-        """Ranks > 0: sleep until rank 0 broadcasts, then return the unit."""
-        header = bytearray(LENGTH.size)
-        request = self.comm.Ibcast(header, root=0)
-        done = request.Test()
-        while not done and time.monotonic() < self.hot_until:
-            done = request.Test()
-        while not done and not request.Test():
-            if select.select([self.wake], [], [], IDLE_CHECK)[0]:
-                self._drain_wakeups()
-                _poll(request, WOKEN_POLL_LIMIT)
-        (length,) = LENGTH.unpack(header)
-        payload = bytearray(length)
-        self.comm.Bcast(payload, root=0)
-        self.hot_until = time.monotonic() + self.hot
-        return unpack(bytes(payload))
+    def receive(self) -> list[Frame]:
+        """Ranks > 0: sleep until rank 0 broadcasts, then return its units. Rank 0 gone: the rank exits."""
+        while True:
+            if len(self._pending) >= LENGTH.size:
+                (length,) = LENGTH.unpack_from(self._pending)
+                end = LENGTH.size + length
+                if len(self._pending) >= end:
+                    with memoryview(self._pending) as view:
+                        units = unpack_units(view[LENGTH.size:end])
+                    del self._pending[:end]
+                    return units
+            data = self.source.recv(READ_SIZE)
+            if not data:
+                raise SystemExit(f"rank {self.rank}: rank 0 closed the unit socket; exiting")
+            self._pending += data
 
     def gather(self, value: Any) -> list[Any] | None:
         """Every rank's `value` at rank 0 (None elsewhere); used once per model load, so blocking is fine."""
         return self.comm.gather(value, root=0)
 
-    def _drain_wakeups(self) -> None:
-        try:
-            while True:
-                self.wake.recv(64)
-        except BlockingIOError:
-            pass
 
-
-def _poll(request, limit: float) -> None:
-    """Test a posted request with short sleeps (10 us growing to 1 ms) for at most `limit` seconds."""
-    deadline = time.monotonic() + limit
-    pause = 1e-5
-    while not request.Test() and time.monotonic() < deadline:
-        time.sleep(pause)
-        pause = min(pause * 2, 1e-3)
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < size:
+        part = sock.recv(size - len(buf))
+        if not part:
+            raise ConnectionError("peer closed the socket while joining")
+        buf += part
+    return bytes(buf)

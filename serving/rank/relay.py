@@ -1,10 +1,12 @@
 """Rank 0's side of the group: frames from the front end in, units to all ranks out, results back.
 
-Two threads. The reader thread only reads frames: it queues requests, drops queued requests whose client
-left, marks running ones cancelled, and answers heartbeats at once, even while the main thread is deep in
-a forward pass. The main thread takes the next unit (a control frame, or a batch of up to batch_size
-requests gathered within max_batch_delay), broadcasts it, runs it like every other rank, and sends rank 0's
-results back. The other ranks run `follow()`: receive a unit, run it, repeat.
+Three threads. The reader thread only reads frames (all that arrived together in one read): it queues requests,
+drops queued requests whose client left, marks running ones cancelled, and answers heartbeats at once, even
+while the main thread is deep in a forward pass. The main thread takes the next units (a control frame, or
+handle() calls of up to batch_size requests, the first gathered within max_batch_delay, then every further full
+one already queued), broadcasts them together, runs them one after another like every other rank, and queues
+rank 0's results. The writer thread sends whatever is queued in one write. The other ranks run `follow()`:
+receive units, run them, repeat.
 
 When the handler offers a rolling-batch engine (the built-in one does, option.rolling_batch=auto), rank 0's main
 thread runs the engine's loop instead of units (serving/engine/loop.py): requests join and leave a running batch
@@ -19,11 +21,15 @@ import threading
 import time
 
 from serving.engine.plan import StepPlan
+from serving.frames import (TO_RANK, Batch, Cancel, Chunk, Error, Frame, FrameBuffer, Heartbeat, HeartbeatReply, Init,
+                            Progress, Ready, Request, Response, Shutdown, Started, Step, encode, encode_all)
 from serving.logs import REQUEST_ID
-from serving.protocol import encode, recv_frame
+from serving.protocol import ProtocolError
 from serving.rank.worker import HandlerError, Worker, encode_chunk
 
 log = logging.getLogger("tpserve.relay")
+READ_SIZE = 1 << 18  # bytes one read from the front end may take: every frame that arrived together
+MAX_UNITS = 64  # handle() calls one broadcast may carry
 
 
 class Relay:
@@ -32,8 +38,8 @@ class Relay:
         self.worker = worker
         self.socket_path = socket_path
         self.cond = threading.Condition()
-        self.control: collections.deque[dict] = collections.deque()
-        self.pending: collections.OrderedDict[int, dict] = collections.OrderedDict()
+        self.control: collections.deque[Frame] = collections.deque()  # Init, Shutdown
+        self.pending: collections.OrderedDict[int, Request] = collections.OrderedDict()
         self.cancelled: set[int] = set()
         self.working = False  # a unit or an engine step is under way (heartbeats report has_work)
         self.engine_stats = None  # the engine's occupancy for heartbeats: a callable returning a dict
@@ -41,7 +47,10 @@ class Relay:
         self.batch_size = 1
         self.max_batch_delay = 0.0
         self.conn: socket.socket | None = None
-        self.send_lock = threading.Lock()
+        self._outbox: list[bytes] = []  # frames for the front end, sent by the writer thread
+        self._outbox_ready = threading.Condition(threading.Lock())
+        self._writer: threading.Thread | None = None
+        self._writing = False  # the writer is in a sendall
 
     # --- main thread ---------------------------------------------------------------------------
     def serve(self) -> None:
@@ -54,84 +63,88 @@ class Relay:
         listener.close()
         threading.Thread(target=self._read_frames, name="frame-reader", daemon=True).start()
         while True:
-            unit = self._next_unit()
-            self.comm.broadcast(unit)
-            if unit["kind"] == "shutdown":
+            units = self._next_units()
+            self.comm.broadcast(*units)
+            first = units[0]
+            if isinstance(first, Shutdown):
                 log.info("rank 0 shutting down the group")
+                self._drain_outbox()
                 return
-            if unit["kind"] == "init":
-                self._load(unit)
+            if isinstance(first, Init):
+                self._load(first)
                 if self.worker.engine is not None:
                     from serving.engine.loop import EngineLoop  # torch and transformers: only for the engine
                     EngineLoop(self.worker.engine, self).run()  # returns when a control frame waits
             else:
-                self._run(unit)
+                for unit in units:
+                    self._run(unit)
             with self.cond:
                 self.working = False
                 self.cancelled.clear()
             self.note_progress()
             REQUEST_ID.set(None)  # lines after the unit belong to no request
 
-    def _load(self, unit: dict) -> None:
-        props = unit["properties"]
+    def _load(self, unit: Init) -> None:
+        props = unit.properties
         self.batch_size = int(props.get("batch_size", 1))
         self.max_batch_delay = int(props.get("max_batch_delay", 0)) / 1000
         # rank 0's load stages go to the front end as they end (/health/ready shows them with their times)
-        errors = self.comm.gather(self.worker.load(unit, lambda stage: self._send({"kind": "progress", "stage": stage})))
+        errors = self.comm.gather(self.worker.load(unit, lambda stage: self._send(Progress(stage))))
         failed = [f"rank {rank}: {error}" for rank, error in enumerate(errors) if error]
         if failed:
-            self._send({"kind": "error", "code": 500, "message": "; ".join(failed)})
+            self._send(Error(500, "; ".join(failed)))
         else:
-            self._send({"kind": "ready", "model": self.worker.facts})
+            self._send(Ready(self.worker.facts))
 
-    def _run(self, unit: dict) -> None:
-        ids = [item["id"] for item in unit["items"]]
-        self._send({"kind": "started", "ids": ids})  # the front end measures queue wait and batch occupancy
+    def _run(self, unit: Batch) -> None:
+        ids = [item.id for item in unit.items]
+        self._send(Started(ids))  # the front end measures queue wait and batch occupancy from it
         try:
             output, stream = self.worker.run(unit, self._is_cancelled, self._send_chunk)
             for index, chunk in enumerate(stream or ()):
                 self._send_chunk(ids[0], chunk, output.properties if index == 0 else None)
         except HandlerError as exc:
-            for rid in ids:
-                self._send({"kind": "error", "id": rid, "code": 424, "message": str(exc)})
+            self.send_frames([Error(424, str(exc), rid) for rid in ids])
             return
         except Exception as exc:  # a streaming handler's generator raised after the first chunk
             log.exception("rank 0: streaming handler failed")
-            for rid in ids:
-                self._send({"kind": "error", "id": rid, "code": 424, "message": f"{type(exc).__name__}: {exc}"})
+            self.send_frames([Error(424, f"{type(exc).__name__}: {exc}", rid) for rid in ids])
             return
-        for index, rid in enumerate(ids):
-            self._send({"kind": "response", "id": rid, "output": output.for_item(index, len(ids))})
+        self.send_frames([Response(rid, output.for_item(index, len(ids))) for index, rid in enumerate(ids)])
 
-    def _next_unit(self) -> dict:
+    def _next_units(self) -> list[Frame]:
+        """A control frame alone, or handle() calls of up to batch_size requests each: the first gathered within
+        max_batch_delay, then as many more full ones as are already queued, to be broadcast together."""
         with self.cond:
             while not self.control and not self.pending:
                 self.cond.wait()
             if self.control:
                 unit = self.control.popleft()
                 self.working = True
-                return unit
+                return [unit]
             if self.batch_size > 1:
                 deadline = time.monotonic() + self.max_batch_delay
                 while len(self.pending) < self.batch_size and not self.control:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or not self.cond.wait(remaining):
                         break
-            count = min(self.batch_size, len(self.pending))
-            items = [{"id": rid, "input": frame["input"]}
-                     for rid, frame in (self.pending.popitem(last=False) for _ in range(count))]
+            units = []
+            while self.pending and len(units) < MAX_UNITS and (not units or len(self.pending) >= self.batch_size):
+                count = min(self.batch_size, len(self.pending))
+                items = [self.pending.popitem(last=False)[1] for _ in range(count)]
+                # rank 0 picks the seed so that every rank samples the same tokens
+                units.append(Batch(random.getrandbits(63), items))
             self.working = True
-            # rank 0 picks the seed so that every rank samples the same tokens
-            return {"kind": "batch", "seed": random.getrandbits(63), "items": items}
+            return units
 
-    def send_frames(self, frames: list[dict]) -> None:
-        """Several frames in one write: a rolling-batch step answers many requests at once."""
+    def send_frames(self, frames: list[Frame]) -> None:
+        """Several frames at once: a rolling-batch step answers many requests."""
         if frames:
-            self._send_bytes(b"".join(encode(frame) for frame in frames), frames[0]["kind"])
+            self._send_bytes(encode_all(frames))
 
     @staticmethod
-    def chunk_frame(rid: int, value) -> dict:
-        return {"kind": "chunk", "id": rid, "data": encode_chunk(value)}
+    def chunk_frame(rid: int, value) -> Chunk:
+        return Chunk(rid, encode_chunk(value))
 
     def note_progress(self) -> None:
         """Something moved (a decode step, a chunk, a finished unit). The front end's watchdog only asks whether
@@ -141,10 +154,7 @@ class Relay:
     def _send_chunk(self, rid: int, data: bytes, properties: dict | None = None) -> None:
         self.note_progress()
         # the front end takes the response headers from a request's first chunk
-        frame = {"kind": "chunk", "id": rid, "data": data}
-        if properties:
-            frame["properties"] = properties
-        self._send(frame)
+        self._send(Chunk(rid, data, properties or None))
 
     def _is_cancelled(self, rid: int) -> bool:
         with self.cond:
@@ -152,70 +162,107 @@ class Relay:
 
     # --- reader thread -------------------------------------------------------------------------
     def _read_frames(self) -> None:
+        """Every frame that arrived together is taken in one read; heartbeats are answered at once, the rest
+        queued under one lock."""
+        buffer = FrameBuffer(TO_RANK)
         while True:
             try:
-                frame = recv_frame(self.conn)
+                data = self.conn.recv(READ_SIZE)
+                frames = buffer.feed(data) if data else None
             except OSError:
-                frame = None
-            if frame is None:
+                frames = None
+            except ProtocolError as exc:
+                log.error("rank 0: the front end sent something that is not a frame (%s); stopping the group", exc)
+                frames = None
+            if frames is None:
                 log.warning("rank 0: the front end closed the connection; stopping the group")
-                frame = {"kind": "shutdown"}
-            kind = frame["kind"]
-            if kind == "heartbeat":
-                with self.cond:
-                    has_work = bool(self.working or self.pending or self.control)
-                beat = {"kind": "heartbeat", "seq": frame.get("seq", 0), "progress": self.progress,
-                        "has_work": has_work, "queued": len(self.pending)}
-                if self.engine_stats is not None:
-                    beat["engine"] = self.engine_stats()
-                self._send(beat)
+                frames = [Shutdown()]
+            queued = [frame for frame in frames if not isinstance(frame, Heartbeat)]
+            for frame in frames:
+                if isinstance(frame, Heartbeat):
+                    self._answer_heartbeat(frame)
+            if not queued:
                 continue
             with self.cond:
-                if kind == "request":
-                    self.pending[frame["id"]] = frame
-                elif kind == "cancel":
-                    if self.pending.pop(frame["id"], None) is None:
-                        self.cancelled.add(frame["id"])
-                    else:
-                        log.info("rank 0: request %d dropped from the queue, its client left", frame["id"])
-                elif kind in ("init", "shutdown"):
-                    self.control.append(frame)
-                else:
-                    log.error("rank 0: unknown frame kind %r ignored", kind)
+                for frame in queued:
+                    if isinstance(frame, Request):
+                        self.pending[frame.id] = frame
+                    elif isinstance(frame, Cancel):
+                        if self.pending.pop(frame.id, None) is None:
+                            self.cancelled.add(frame.id)
+                        else:
+                            log.info("rank 0: request %d dropped from the queue, its client left", frame.id)
+                    else:  # Init, Shutdown
+                        self.control.append(frame)
                 self.cond.notify_all()  # the main loop, and the engine's intake thread, may be waiting
-            if kind == "shutdown":
+            if any(isinstance(frame, Shutdown) for frame in queued):
                 return
 
-    def _send(self, frame: dict) -> None:
-        self._send_bytes(encode(frame), frame["kind"])
+    def _answer_heartbeat(self, frame: Heartbeat) -> None:
+        with self.cond:
+            has_work = bool(self.working or self.pending or self.control)
+        engine = self.engine_stats() if self.engine_stats is not None else None
+        self._send(HeartbeatReply(frame.seq, self.progress, has_work, len(self.pending), engine))
 
-    def _send_bytes(self, data: bytes, kind: str) -> None:
-        with self.send_lock:
+    def _send(self, frame: Frame) -> None:
+        self._send_bytes(encode(frame))
+
+    # --- writer thread -------------------------------------------------------------------------
+    def _send_bytes(self, data: bytes) -> None:
+        """Queue encoded frames for the writer thread. It takes everything queued in one write, so the frames of
+        requests that ran together (answers, started frames, the chunks of a fast stream) cost one system call
+        and one wake-up of the front end, and a thread that queues never waits on the socket. The writer gets the
+        GIL as soon as the queueing thread blocks (a forward pass, the next wait for work) and at the latest after
+        the interpreter's switch interval (5 ms)."""
+        with self._outbox_ready:
+            self._outbox.append(data)
+            if len(self._outbox) == 1:
+                self._outbox_ready.notify_all()
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_frames, name="frame-writer", daemon=True)
+                self._writer.start()
+
+    def _write_frames(self) -> None:
+        data = b""
+        while True:
+            with self._outbox_ready:
+                self._writing = False
+                self._outbox_ready.notify_all()  # _drain_outbox may wait for the last write
+                while not self._outbox:
+                    self._outbox_ready.wait()
+                data = b"".join(self._outbox)
+                self._outbox.clear()
+                self._writing = True
             try:
                 self.conn.sendall(data)
             except OSError:
-                log.warning("rank 0: could not send a %s frame; the front end is gone", kind)
+                log.warning("rank 0: could not send %d bytes of frames; the front end is gone", len(data))
+
+    def _drain_outbox(self, timeout: float = 2.0) -> None:
+        """Before the process ends: wait until the writer sent what is queued (its daemon thread dies with us)."""
+        with self._outbox_ready:
+            self._outbox_ready.wait_for(lambda: not self._outbox and not self._writing, timeout)
 
 
 def follow(comm, worker: Worker) -> None:
     """Ranks > 0: run whatever rank 0 broadcasts until it says shutdown."""
     while True:
-        unit = comm.receive()
-        if unit["kind"] == "shutdown":
-            return
-        if unit["kind"] == "init":
-            comm.gather(worker.load(unit))
-            continue
-        if unit["kind"] == "step":
-            worker.engine.step(StepPlan.unpack(unit["plan"]))  # a failure here diverges the ranks: let it end the rank
-            continue
-        try:
-            _, stream = worker.run(unit, lambda rid: False)
-            for _ in stream or ():
-                pass
-        except Exception:  # rank 0 reports the failure; a diverged rank is caught by the front end's watchdog
-            log.exception("rank %d: unit failed", comm.rank)
-        REQUEST_ID.set(None)
+        for unit in comm.receive():
+            if isinstance(unit, Shutdown):
+                return
+            if isinstance(unit, Init):
+                comm.gather(worker.load(unit))
+                continue
+            if isinstance(unit, Step):
+                worker.engine.step(StepPlan.unpack(unit.plan))  # a failure here diverges the ranks: let it end the rank
+                continue
+            try:
+                _, stream = worker.run(unit, lambda rid: False)
+                for _ in stream or ():
+                    pass
+            except Exception:  # rank 0 reports the failure; a diverged rank is caught by the front end's watchdog
+                log.exception("rank %d: unit failed", comm.rank)
+            REQUEST_ID.set(None)
 
 
 def remove_stale_socket(path: str) -> None:

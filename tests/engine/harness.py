@@ -12,7 +12,7 @@ import torch
 from handlers.loading import load_model, load_tokenizer
 from serving.engine.graphs import Buckets, StepGraphs
 from serving.engine.loop import Engine, EngineLoop
-from serving.protocol import encode, recv_frame
+from serving.frames import FROM_RANK, Cancel, Chunk, Error, FrameBuffer, Request, Shutdown, encode
 from serving.rank.comm import SoloComm
 from serving.rank.relay import Relay
 
@@ -58,23 +58,22 @@ class EngineHarness:
         else:
             properties, data = {"content-type": "application/json"}, json.dumps(body).encode()
         properties.update(headers or {})
-        self.sock.sendall(encode({"kind": "request", "id": rid, "input": {"properties": properties,
-                                                                          "content": {"data": data}}}))
+        self.sock.sendall(encode(Request(rid, {"properties": properties, "content": {"data": data}})))
         return rid
 
     def cancel(self, rid: int) -> None:
-        self.sock.sendall(encode({"kind": "cancel", "id": rid}))
+        self.sock.sendall(encode(Cancel(rid)))
 
-    def wait(self, rid: int, timeout: float = 120) -> list[dict]:
+    def wait(self, rid: int, timeout: float = 120) -> list:
         """Every frame of request `rid` up to its answer (response or error)."""
         deadline = time.monotonic() + timeout
         with self.cond:
-            while not any(f["kind"] != "chunk" for f in self.frames[rid]):
+            while not any(not isinstance(f, Chunk) for f in self.frames[rid]):
                 if not self.cond.wait(max(0.0, deadline - time.monotonic())):
                     raise TimeoutError(f"request {rid} not answered in {timeout} s")
             return list(self.frames[rid])
 
-    def wait_first(self, rid: int, timeout: float = 120) -> dict:
+    def wait_first(self, rid: int, timeout: float = 120):
         deadline = time.monotonic() + timeout
         with self.cond:
             while not self.frames[rid]:
@@ -85,33 +84,35 @@ class EngineHarness:
     def answer(self, rid: int, timeout: float = 120):
         """The decoded JSON body of a non-streamed request, or (code, body) for an error."""
         final = self.wait(rid, timeout)[-1]
-        if final["kind"] == "error":
-            return final["code"], final["message"]
-        output = final["output"]
+        if isinstance(final, Error):
+            return final.code, final.message
+        output = final.output
         body = json.loads(output["content"][0][1]) if output["content"] else None
         return (output["code"], body) if output["code"] >= 400 else body
 
     def stream(self, rid: int, timeout: float = 120) -> list[dict]:
-        return [json.loads(f["data"]) for f in self.wait(rid, timeout) if f["kind"] == "chunk"]
+        return [json.loads(f.data) for f in self.wait(rid, timeout) if isinstance(f, Chunk)]
 
     def close(self) -> None:
-        self.sock.sendall(encode({"kind": "shutdown"}))
+        self.sock.sendall(encode(Shutdown()))
         self._threads[1].join(30)
         self.sock.close()
 
     def _collect(self) -> None:
+        buffer = FrameBuffer(FROM_RANK)
         while True:
             try:
-                frame = recv_frame(self.sock)
+                data = self.sock.recv(1 << 16)
             except OSError:
                 return
-            if frame is None:
+            if not data:
                 return
-            if "id" not in frame:
-                continue
             with self.cond:
-                self.frames[frame["id"]].append(frame)
-                self.order.append((frame["id"], frame["kind"]))
+                for frame in buffer.feed(data):
+                    if getattr(frame, "id", None) is None:
+                        continue
+                    self.frames[frame.id].append(frame)
+                    self.order.append((frame.id, frame.kind))
                 self.cond.notify_all()
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from serving.engine.attention import NAME as SLOT_ATTENTION
+from serving.frames import Chunk
 from tests.engine.harness import EngineHarness, greedy, loaded, token_ids
 
 WORK = [("The capital of France is", 12), ("Once upon a time, in a land far away, there lived a", 20),
@@ -32,7 +33,7 @@ def harness():
 
 def tokens_of(h: EngineHarness, rid: int) -> list[int]:
     frames = h.wait(rid)
-    if frames[0]["kind"] == "chunk":
+    if isinstance(frames[0], Chunk):
         return [event["token"]["id"] for event in h.stream(rid)]
     return token_ids(h.answer(rid))
 
@@ -91,7 +92,7 @@ def test_a_cancelled_request_frees_its_slot_for_the_next(harness, demo_model):
     queued = h.submit({"inputs": "Hello", "parameters": {"max_new_tokens": 4}})
     h.cancel(running)
     assert h.answer(queued, timeout=60)["generated_text"]
-    assert all(frame["kind"] == "chunk" for frame in h.frames[running])  # no answer for a client that left
+    assert all(isinstance(frame, Chunk) for frame in h.frames[running])  # no answer for a client that left
     assert len(h.frames[running]) < 400
     assert h.loop.scheduler.free == [0]
 

@@ -5,7 +5,7 @@ import pytest
 
 from serving.api.inference import check_body, output_response
 from serving.config import ModelConfig
-from serving.protocol import pack, unpack
+from serving.frames import FROM_RANK, Batch, FrameBuffer, Response, encode
 from serving.rank import hints
 from serving.rank.comm import SoloComm
 from serving.rank.inputs import Input
@@ -233,7 +233,7 @@ def test_for_item_batch_skips_untagged_content():
 def test_solo_comm_is_one_rank():
     comm = SoloComm()
     assert (comm.rank, comm.size) == (0, 1)
-    assert comm.broadcast({"kind": "batch"}) is None
+    assert comm.broadcast(Batch(1, [])) is None
     assert comm.gather("x") == ["x"]
     with pytest.raises(RuntimeError):
         comm.receive()
@@ -391,8 +391,8 @@ def test_output_response_first_content_is_the_body():
 
 
 def test_output_response_after_wire_round_trip():
-    frame = unpack(pack({"kind": "response", "id": 1, "output": Output().add("héllo").for_item(0, 1)}))
-    response = output_response(frame["output"])
+    (frame,) = FrameBuffer(FROM_RANK).feed(encode(Response(1, Output().add("héllo").for_item(0, 1))))
+    response = output_response(frame.output)
     assert response.status == 200
     assert response.body == "héllo".encode()
 

@@ -11,10 +11,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving import metrics as metrics_module
+from serving.frames import Chunk, Error, Response, Started
 from serving.metrics import GpuCollector, Metrics, RequestTimer, lmi_usage, load_nvml
 from serving.worker_group import State
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "tpserve-dashboard.json"
+NO_OUTPUT = {"code": 200, "message": "OK", "properties": {}, "content": []}
 
 
 def samples(metrics: Metrics) -> dict[tuple, float]:
@@ -45,12 +47,12 @@ def test_a_stream_gives_ttft_itl_tpot_e2e_queue_and_tokens():
     metrics = Metrics()
     timer = RequestTimer(metrics, "m", "1")
     timer.pending_id = 7
-    timer.on_frame({"kind": "started", "ids": [7, 8]})
+    timer.on_frame(Started([7, 8]))
     for i in range(4):
-        timer.on_frame({"kind": "chunk", "id": 7, "data": json.dumps({"token": {"id": i}}).encode()})
+        timer.on_frame(Chunk(7, json.dumps({"token": {"id": i}}).encode()))
     last = {"token": {"id": 4}, "details": {"prompt_tokens": 3, "generated_tokens": 5}}
-    timer.on_frame({"kind": "chunk", "id": 7, "data": json.dumps(last).encode()})
-    timer.on_frame({"kind": "response", "id": 7, "output": {"content": []}})
+    timer.on_frame(Chunk(7, json.dumps(last).encode()))
+    timer.on_frame(Response(7, {"code": 200, "message": "OK", "properties": {}, "content": []}))
     timer.finish()
     got = samples(metrics)
     labels = (("model", "m"), ("version", "1"))
@@ -68,8 +70,8 @@ def test_failed_requests_leave_latency_histograms_alone():
     metrics = Metrics()
     timer = RequestTimer(metrics, "m", "1")
     timer.pending_id = 8
-    timer.on_frame({"kind": "started", "ids": [7, 8]})  # not the unit's first: no batch observation
-    timer.on_frame({"kind": "error", "id": 8, "code": 424, "message": "boom"})
+    timer.on_frame(Started([7, 8]))  # not the unit's first: no batch observation
+    timer.on_frame(Error(424, "boom", 8))
     timer.finish()
     got = samples(metrics)
     key = (("model", "m"), ("version", "1"))
@@ -86,7 +88,7 @@ def test_usage_from_lmi_bodies_and_frames():
     assert lmi_usage(b'{"generated_text": "no details"}') is None
     assert lmi_usage(b"plain text") is None
     timer = RequestTimer(None, "m", "1")
-    timer.on_frame({"kind": "response", "usage": {"prompt_tokens": 9, "generated_tokens": 1}})
+    timer.on_frame(Response(1, NO_OUTPUT, {"prompt_tokens": 9, "generated_tokens": 1}))
     assert (timer.prompt_tokens, timer.generated_tokens) == (9, 1)
 
 
@@ -152,8 +154,8 @@ def test_every_dashboard_query_names_an_exported_metric(monkeypatch):
     metrics = Metrics(models=lambda: [version], nvml=fake_nvml({0: [SimpleNamespace(pid=1000, usedGpuMemory=1)]}))
     timer = RequestTimer(metrics, "m", "1")
     timer.pending_id = 1
-    for frame in ({"kind": "started", "ids": [1]}, {"kind": "chunk", "data": b"{}"}, {"kind": "chunk", "data": b"{}"},
-                  {"kind": "response", "usage": {"prompt_tokens": 1, "generated_tokens": 2}}):
+    for frame in (Started([1]), Chunk(1, b"{}"), Chunk(1, b"{}"),
+                  Response(1, NO_OUTPUT, {"prompt_tokens": 1, "generated_tokens": 2})):
         timer.on_frame(frame)
     timer.finish()
     metrics.requests.labels("m", "1", "/predictions/{model}", "200").inc()
@@ -175,7 +177,7 @@ def test_every_dashboard_query_names_an_exported_metric(monkeypatch):
 def test_an_unregistered_version_leaves_no_series():
     metrics = Metrics()
     timer = RequestTimer(metrics, "gone", "1")
-    timer.on_frame({"kind": "response", "usage": {"prompt_tokens": 1, "generated_tokens": 1}})
+    timer.on_frame(Response(1, NO_OUTPUT, {"prompt_tokens": 1, "generated_tokens": 1}))
     timer.finish()
     assert any(labels == (("model", "gone"), ("version", "1")) for _, labels in samples(metrics))
     metrics.forget("gone", "1")
