@@ -97,13 +97,16 @@ def forbidden(constraints: list[Constraint], vocab: int, device: torch.device) -
 
 
 def _grammar_text(request: GenerateRequest) -> tuple[str | None, str]:
-    """llguidance's grammar for the request, and the field it comes from (for error messages)."""
-    from llguidance import LLMatcher
-
+    """llguidance's grammar for the request, and the field it comes from (for error messages). llguidance is
+    imported only for a request that has a grammar: a free request never needs it."""
     spec = request.parameters.grammar
     schema = spec.value if spec is not None and spec.type == "json" else None
     forced = request.tools is not None and (request.tool_choice == "required"
                                             or isinstance(request.tool_choice, NamedToolChoice))
+    if not forced and spec is None:
+        return None, ""
+    from llguidance import LLMatcher
+
     if forced:
         functions = [tool.function.model_dump(exclude_none=True) for tool in request.tools]
         if isinstance(request.tool_choice, NamedToolChoice):

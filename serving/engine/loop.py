@@ -347,7 +347,13 @@ class EngineLoop:
                     return
                 rid, frame = relay.pending.popitem(last=False)
                 self.in_intake.add(rid)
-            request = self._admit(rid, frame)
+            try:
+                request = self._admit(rid, frame)
+            except Exception:  # noqa: BLE001 - this thread must outlive any one request, or every later one hangs
+                log.exception("request %d could not be admitted", rid)
+                message = "the engine failed to prepare this request; see the server log"
+                self.relay.send_frames([Response(rid, Output().error(message, code=500, message=message).for_item(0, 1))])
+                request = None
             with relay.cond:
                 self.in_intake.discard(rid)
                 if request is not None:

@@ -152,3 +152,20 @@ def test_prompt_log_probs_match_a_plain_forward(harness, demo_model):
     prefill = body["details"]["prefill"]
     assert [t["id"] for t in prefill] == ids[0].tolist()
     assert [t["log_prob"] for t in prefill[1:]] == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_request_that_fails_to_prepare_gets_a_500_and_the_next_one_runs(harness, tiny_llama, monkeypatch):
+    import serving.engine.loop as loop
+
+    real = loop.grammar_for
+
+    def broken(tokenizer, body, eos):
+        if body.inputs == "break me":
+            raise ImportError("a library the request needed is missing")
+        return real(tokenizer, body, eos)
+
+    monkeypatch.setattr(loop, "grammar_for", broken)
+    h = harness(tiny_llama)
+    code, body = h.answer(h.submit({"inputs": "break me", "parameters": {"max_new_tokens": 3}}))
+    assert code == 500 and "server log" in body["message"]
+    assert h.answer(h.submit({"inputs": "Hello", "parameters": {"max_new_tokens": 3}}))["generated_text"] is not None
