@@ -2,9 +2,9 @@
 # The serving benchmark on a lent GPU machine (no network): install the carried wheels, build the random
 # Llama-2-7B-shaped model once, then run bench.serve. Usage, from the repository root on that machine:
 #   bash bench/device_run.sh OUT_DIR [bench.serve arguments...]
-# Needs .whl (../shared/tools/gpu-wheels.sh .whl, plus `pip download --no-deps --only-binary=:all: --python-version
-# 3.12 --platform manylinux_2_17_x86_64 -d .whl llguidance==1.9.1 accelerate==1.15.0`: constrained decoding and
-# the loader need them) and .gpu/tokenizer (SmolLM2's tokenizer files) carried along.
+# Needs .whl (../shared/tools/gpu-wheels.sh .whl, plus accelerate==1.15.0 and llguidance==1.9.1, the latter a
+# cp39-abi3-manylinux_2_31 wheel: `pip download --no-deps --only-binary=:all: --python-version 3.12 --abi abi3
+# --platform manylinux_2_31_x86_64 -d .whl llguidance==1.9.1`) and .gpu/tokenizer (SmolLM2's tokenizer files).
 set -euo pipefail
 out=${1:?usage: device_run.sh OUT_DIR [args]}; shift
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
