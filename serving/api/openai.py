@@ -102,7 +102,8 @@ class OpenAIRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=MAX_LOGIT_BIAS)
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None = \
+        Field(None, max_length=MAX_LOGIT_BIAS)  # token id (as JSON keys are strings) -> bias
     response_format: ResponseFormat | None = None
     # vLLM's extra sampling parameters (VLLM_EXTRAS)
     top_k: int = Field(0, ge=-1, le=1_000_000)
