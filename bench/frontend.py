@@ -218,7 +218,10 @@ class Wrk:
     def run(self, url: str, connections: int, duration: float) -> dict:
         threads = min(2, connections)
         out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
-                              "-s", self.script.name, url], capture_output=True, text=True, check=True).stdout
+                              "-s", self.script.name, url], capture_output=True, text=True)
+        if out.returncode != 0 or "Requests/sec" not in out.stdout:
+            raise RuntimeError(f"wrk failed ({out.returncode}) on {url}: {out.stdout[-500:]} {out.stderr[-500:]}")
+        out = out.stdout
         rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
         count = int(re.search(r"(\d+) requests in", out).group(1))
         p50 = re.search(r"^\s+50%\s+([\d.]+)(us|ms|s)\b", out, re.M)

@@ -98,6 +98,9 @@ class RequestTimer:
     """One request's latencies, read from the frames relayed for it: `started` (rank 0 began its unit),
     `chunk`... then `response` or `error`."""
 
+    __slots__ = ("instruments", "submitted", "pending_id", "queue_wait", "first", "last", "chunks", "prompt_tokens",
+                 "generated_tokens", "ended", "_last_chunk")
+
     def __init__(self, metrics: Metrics | None, model: str, version: str):
         self.instruments = metrics.bound(model, version) if metrics is not None else None
         self.submitted = time.monotonic()

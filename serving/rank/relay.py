@@ -116,18 +116,21 @@ class Relay:
         """A control frame alone, or handle() calls of up to batch_size requests each: the first gathered within
         max_batch_delay, then as many more full ones as are already queued, to be broadcast together."""
         with self.cond:
-            while not self.control and not self.pending:
-                self.cond.wait()
-            if self.control:
-                unit = self.control.popleft()
-                self.working = True
-                return [unit]
-            if self.batch_size > 1:
-                deadline = time.monotonic() + self.max_batch_delay
-                while len(self.pending) < self.batch_size and not self.control:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0 or not self.cond.wait(remaining):
-                        break
+            while True:
+                while not self.control and not self.pending:
+                    self.cond.wait()
+                if self.control:
+                    unit = self.control.popleft()
+                    self.working = True
+                    return [unit]
+                if self.batch_size > 1:
+                    deadline = time.monotonic() + self.max_batch_delay
+                    while len(self.pending) < self.batch_size and not self.control:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0 or not self.cond.wait(remaining):
+                            break
+                if self.pending:
+                    break  # else every queued request's client left while the batch filled: wait again
             units = []
             while self.pending and len(units) < MAX_UNITS and (not units or len(self.pending) >= self.batch_size):
                 count = min(self.batch_size, len(self.pending))
