@@ -169,3 +169,21 @@ def test_a_request_that_fails_to_prepare_gets_a_500_and_the_next_one_runs(harnes
     code, body = h.answer(h.submit({"inputs": "break me", "parameters": {"max_new_tokens": 3}}))
     assert code == 500 and "server log" in body["message"]
     assert h.answer(h.submit({"inputs": "Hello", "parameters": {"max_new_tokens": 3}}))["generated_text"] is not None
+
+
+def test_tgi_format_answers_streams_and_best_of(harness, demo_model):
+    h = harness(demo_model)
+    tgi = {"x-tpserve-format": "tgi"}
+    answer = h.answer(h.submit({"inputs": "The capital of France is", "parameters": {
+        "max_new_tokens": 8, "details": True, "stop": ["."]}}, tgi))
+    assert answer["generated_text"] == " Paris." and answer["details"]["finish_reason"] == "stop_sequence"
+    assert answer["details"]["prefill"] == [] and answer["details"]["generated_tokens"] == 2
+    chat = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    events = h.stream(h.submit({"inputs": chat, "parameters": {"max_new_tokens": 30}, "stream": True}, tgi))
+    assert [e["index"] for e in events] == list(range(1, len(events) + 1))
+    assert events[-1]["token"] == {**events[-1]["token"], "text": "<|im_end|>", "special": True}
+    assert "".join(e["token"]["text"] for e in events[:-1]) == events[-1]["generated_text"]
+    assert events[-1]["details"] is None  # not asked for
+    listed = h.answer(h.submit({"inputs": "Hi", "parameters": {"max_new_tokens": 4, "best_of": 3, "do_sample": True,
+                                                               "details": True}}, {"x-tpserve-format": "tgi-list"}))
+    assert isinstance(listed, list) and len(listed[0]["details"]["best_of_sequences"]) == 2
