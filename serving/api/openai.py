@@ -423,7 +423,8 @@ async def _complete(group, body: OpenAIRequest) -> tuple[list[dict], dict]:
 
 def _mean_log_prob(generation: dict) -> float:
     tokens = (generation.get("details") or {}).get("tokens") or []
-    return sum(t["log_prob"] for t in tokens) / len(tokens) if tokens else -math.inf
+    values = [-math.inf if t.get("log_prob") is None else t["log_prob"] for t in tokens]  # null: not finite
+    return sum(values) / len(values) if values else -math.inf
 
 
 async def _ask(group, lmi: bytes) -> Any:
@@ -505,7 +506,7 @@ def completion_logprobs(details: dict, echo: bool = False) -> dict:
     tops = details.get("top_tokens")
     top_logprobs = [None] * len(prompt) + [{a["text"]: a["log_prob"] for a in top} for top in tops] if tops else None
     return {"tokens": [t["text"] for t in tokens],
-            "token_logprobs": [None if math.isnan(t["log_prob"]) else t["log_prob"] for t in tokens],
+            "token_logprobs": [t.get("log_prob") for t in tokens],  # the first prompt token's is null
             "top_logprobs": top_logprobs, "text_offset": offsets}
 
 
