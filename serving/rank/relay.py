@@ -30,8 +30,9 @@ from serving.rank.worker import HandlerError, Worker, encode_chunk
 log = logging.getLogger("tpserve.relay")
 READ_SIZE = 1 << 18  # bytes one read from the front end may take: every frame that arrived together
 MAX_UNITS = 64  # handle() calls one broadcast may carry
-FLUSH_AFTER = 0.0002  # seconds frames may wait for others to share their write (the writer thread sends sooner
-#                       whenever the queueing thread blocks)
+FLUSH_AFTER = 0.0002  # seconds a frame may wait for others to share its write (see Relay._send_bytes)
+WRITER_PERIOD = 0.002  # seconds between the writer thread's looks at frames a blocked thread left queued
+WRITER_IDLE_AFTER = 0.05  # seconds without frames before the writer sleeps until notified
 
 
 class Relay:
@@ -53,7 +54,9 @@ class Relay:
         self._outbox_ready = threading.Condition(threading.Lock())
         self._send_lock = threading.Lock()  # one sender at a time: frames leave in the order queued
         self._flushed_at = 0.0
+        self._queued_at = 0.0
         self._writer: threading.Thread | None = None
+        self._writer_waiting = False
 
     # --- main thread ---------------------------------------------------------------------------
     def serve(self) -> None:
@@ -219,13 +222,15 @@ class Relay:
         """Queue encoded frames. The first frame after a quiet spell (FLUSH_AFTER since the last write) goes out at
         once, from the calling thread; frames that follow closely wait, so the answers of fast units, started
         frames and the chunks of a fast stream share one write (one system call, one wake-up of the front end)
-        every FLUSH_AFTER. Whatever is left is sent by the writer thread, which gets the GIL as soon as the
-        queueing thread blocks (a forward pass, the next wait for work), at the latest after the interpreter's
-        switch interval."""
+        every FLUSH_AFTER; rank 0's main thread also writes at the end of every broadcast. What a thread left
+        queued when it blocked (a slow handler after its started frame) is sent by the writer thread within
+        WRITER_PERIOD. While frames keep coming the writer wakes on its own period, not once per frame: a wake-up
+        costs a context switch and a GIL hand-over."""
         with self._outbox_ready:
             self._outbox.append(data)
-            due = time.monotonic() - self._flushed_at >= FLUSH_AFTER
-            if not due and len(self._outbox) == 1:
+            self._queued_at = now = time.monotonic()
+            due = now - self._flushed_at >= FLUSH_AFTER
+            if not due and self._writer_waiting:
                 self._outbox_ready.notify_all()
             if self._writer is None:
                 self._writer = threading.Thread(target=self._write_frames, name="frame-writer", daemon=True)
@@ -249,8 +254,12 @@ class Relay:
     def _write_frames(self) -> None:
         while True:
             with self._outbox_ready:
-                while not self._outbox:
+                # asleep only once nothing was queued for a while; notified by the next frame that is not due
+                while not self._outbox and time.monotonic() - self._queued_at > WRITER_IDLE_AFTER:
+                    self._writer_waiting = True
                     self._outbox_ready.wait()
+                self._writer_waiting = False
+            time.sleep(WRITER_PERIOD)
             self.flush()
 
 
