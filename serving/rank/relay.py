@@ -5,8 +5,8 @@ drops queued requests whose client left, marks running ones cancelled, and answe
 while the main thread is deep in a forward pass. The main thread takes the next units (a control frame, or
 handle() calls of up to batch_size requests, the first gathered within max_batch_delay, then every further full
 one already queued), broadcasts them together, runs them one after another like every other rank, and queues
-rank 0's results. The writer thread sends whatever is queued in one write. The other ranks run `follow()`:
-receive units, run them, repeat.
+rank 0's results; frames queued close together leave in one write, from the queueing thread or from the writer
+thread (`_send_bytes`). The other ranks run `follow()`: receive units, run them, repeat.
 
 When the handler offers a rolling-batch engine (the built-in one does, option.rolling_batch=auto), rank 0's main
 thread runs the engine's loop instead of units (serving/engine/loop.py): requests join and leave a running batch
@@ -30,6 +30,9 @@ from serving.rank.worker import HandlerError, Worker, encode_chunk
 log = logging.getLogger("tpserve.relay")
 READ_SIZE = 1 << 18  # bytes one read from the front end may take: every frame that arrived together
 MAX_UNITS = 64  # handle() calls one broadcast may carry
+FLUSH_AFTER = 0.0002  # seconds a frame may wait for others to share its write (see Relay._send_bytes)
+WRITER_PERIOD = 0.002  # seconds between the writer thread's looks at frames a blocked thread left queued
+WRITER_IDLE_AFTER = 0.05  # seconds without frames before the writer sleeps until notified
 
 
 class Relay:
@@ -47,10 +50,13 @@ class Relay:
         self.batch_size = 1
         self.max_batch_delay = 0.0
         self.conn: socket.socket | None = None
-        self._outbox: list[bytes] = []  # frames for the front end, sent by the writer thread
+        self._outbox: list[bytes] = []  # encoded frames for the front end, not sent yet
         self._outbox_ready = threading.Condition(threading.Lock())
+        self._send_lock = threading.Lock()  # one sender at a time: frames leave in the order queued
+        self._flushed_at = 0.0
+        self._queued_at = 0.0
         self._writer: threading.Thread | None = None
-        self._writing = False  # the writer is in a sendall
+        self._writer_waiting = False
 
     # --- main thread ---------------------------------------------------------------------------
     def serve(self) -> None:
@@ -68,7 +74,7 @@ class Relay:
             first = units[0]
             if isinstance(first, Shutdown):
                 log.info("rank 0 shutting down the group")
-                self._drain_outbox()
+                self.flush()
                 return
             if isinstance(first, Init):
                 self._load(first)
@@ -78,6 +84,7 @@ class Relay:
             else:
                 for unit in units:
                     self._run(unit)
+                self.flush()  # the last answers now, not after a hand-over to the writer thread
             with self.cond:
                 self.working = False
                 self.cancelled.clear()
@@ -210,41 +217,50 @@ class Relay:
     def _send(self, frame: Frame) -> None:
         self._send_bytes(encode(frame))
 
-    # --- writer thread -------------------------------------------------------------------------
+    # --- sending -------------------------------------------------------------------------------
     def _send_bytes(self, data: bytes) -> None:
-        """Queue encoded frames for the writer thread. It takes everything queued in one write, so the frames of
-        requests that ran together (answers, started frames, the chunks of a fast stream) cost one system call
-        and one wake-up of the front end, and a thread that queues never waits on the socket. The writer gets the
-        GIL as soon as the queueing thread blocks (a forward pass, the next wait for work) and at the latest after
-        the interpreter's switch interval (5 ms)."""
+        """Queue encoded frames. The first frame after a quiet spell (FLUSH_AFTER since the last write) goes out at
+        once, from the calling thread; frames that follow closely wait, so the answers of fast units, started
+        frames and the chunks of a fast stream share one write (one system call, one wake-up of the front end)
+        every FLUSH_AFTER; rank 0's main thread also writes at the end of every broadcast. What a thread left
+        queued when it blocked (a slow handler after its started frame) is sent by the writer thread within
+        WRITER_PERIOD. While frames keep coming the writer wakes on its own period, not once per frame: a wake-up
+        costs a context switch and a GIL hand-over."""
         with self._outbox_ready:
             self._outbox.append(data)
-            if len(self._outbox) == 1:
+            self._queued_at = now = time.monotonic()
+            due = now - self._flushed_at >= FLUSH_AFTER
+            if not due and self._writer_waiting:
                 self._outbox_ready.notify_all()
             if self._writer is None:
                 self._writer = threading.Thread(target=self._write_frames, name="frame-writer", daemon=True)
                 self._writer.start()
+        if due:
+            self.flush()
 
-    def _write_frames(self) -> None:
-        data = b""
-        while True:
+    def flush(self) -> None:
+        """Send everything queued, from the calling thread; the send lock keeps writes in the order queued."""
+        with self._send_lock:
             with self._outbox_ready:
-                self._writing = False
-                self._outbox_ready.notify_all()  # _drain_outbox may wait for the last write
-                while not self._outbox:
-                    self._outbox_ready.wait()
                 data = b"".join(self._outbox)
                 self._outbox.clear()
-                self._writing = True
-            try:
-                self.conn.sendall(data)
-            except OSError:
-                log.warning("rank 0: could not send %d bytes of frames; the front end is gone", len(data))
+                self._flushed_at = time.monotonic()
+            if data:
+                try:
+                    self.conn.sendall(data)
+                except OSError:
+                    log.warning("rank 0: could not send %d bytes of frames; the front end is gone", len(data))
 
-    def _drain_outbox(self, timeout: float = 2.0) -> None:
-        """Before the process ends: wait until the writer sent what is queued (its daemon thread dies with us)."""
-        with self._outbox_ready:
-            self._outbox_ready.wait_for(lambda: not self._outbox and not self._writing, timeout)
+    def _write_frames(self) -> None:
+        while True:
+            with self._outbox_ready:
+                # asleep only once nothing was queued for a while; notified by the next frame that is not due
+                while not self._outbox and time.monotonic() - self._queued_at > WRITER_IDLE_AFTER:
+                    self._writer_waiting = True
+                    self._outbox_ready.wait()
+                self._writer_waiting = False
+            time.sleep(WRITER_PERIOD)
+            self.flush()
 
 
 def follow(comm, worker: Worker) -> None:

@@ -68,7 +68,7 @@ def test_frames_queued_together_leave_in_order(relay):
     relay._send(Started([1, 2]))
     relay.send_frames([Response(1, {"code": 200, "message": "OK", "properties": {}, "content": []}),
                        Response(2, {"code": 200, "message": "OK", "properties": {}, "content": []})])
-    relay._drain_outbox()
+    relay.flush()
     peer.settimeout(5)
     buffer, frames = FrameBuffer(FROM_RANK), []
     while len(frames) < 3:
