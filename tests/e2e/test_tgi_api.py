@@ -5,7 +5,10 @@ demo at TP=2 on the rolling-batch engine, smollm2_sequential the one-at-a-time p
 faulty_tgi set DJL's option.tgi_compat, so their /predictions answer in TGI's shapes."""
 import json
 import math
+import time
+from concurrent.futures import ThreadPoolExecutor
 
+import huggingface_hub.errors
 import pytest
 import requests
 import text_generation
@@ -124,6 +127,25 @@ def test_text_generation_package_raises_its_exception_types(server, tg):
         text_generation.Client(server.url("/predictions/faulty_tgi"), timeout=60).generate("raise please")
     with pytest.raises(text_generation.errors.NotFoundError, match="model_name"):  # several models, none named
         text_generation.Client(server.url("/"), timeout=60).generate(PROMPT)
+
+
+def test_inference_client_raises_its_exception_types(hf):
+    with pytest.raises(huggingface_hub.errors.ValidationError, match="watermark"):
+        hf.text_generation(PROMPT, max_new_tokens=4, watermark=True)
+    with pytest.raises(huggingface_hub.errors.ValidationError, match="typical_p"):
+        list(hf.text_generation(PROMPT, max_new_tokens=4, typical_p=1.5, stream=True))
+
+
+def test_a_full_queue_is_tgis_429_overloaded(server):
+    client = text_generation.Client(server.url("/?model_name=faulty_small_queue"), timeout=60)
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(server.post, "/predictions/faulty_small_queue", data="stream 20")
+        deadline = time.monotonic() + 10
+        while not server.get("/models/faulty_small_queue").json()["queued"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(text_generation.errors.OverloadedError, match="job_queue_size=1"):
+            client.generate("hello")
+        assert slow.result().status_code == 200
 
 
 # --- option.tgi_compat on /predictions -------------------------------------------------------------------
