@@ -1,9 +1,10 @@
-"""Time of one captured decode step, in process on one GPU: with and without fused projections, at a few batch
-sizes, the whole step (pack, fill, replay) back to back and the graph's replay alone; and matrix-vector products
+"""Time of one captured decode step, in process on one GPU: captured with and without torch.compile (and, with
+--separate, without fused projections), at a few batch sizes, the whole step (pack, fill, replay) back to back
+and the graph's replay alone; the engine's build time (compile and capture included); and matrix-vector products
 of the Llama-2-7B layer shapes, as effective bandwidth. Tells how far the GPU work is from the weights' floor
 and how much of a step is the host's.
 
-    python -m bench.step_time --model-dir M [--rows 1 --rows 64] [--steps 50]
+    python -m bench.step_time --model-dir M [--rows 1 --rows 64] [--steps 50] [--separate]
 """
 import argparse
 import json
@@ -42,17 +43,22 @@ def gemv_bandwidth() -> dict:
     return out
 
 
-def steps(model_dir: str, rows_list: list[int], repeats: int, fused: bool) -> dict:
+def steps(model_dir: str, rows_list: list[int], repeats: int, fused: bool = True, compiled: bool = True) -> dict:
+    fuse = engine_loop.fuse_projections
     if not fused:
         engine_loop.fuse_projections = lambda model: 0
     model = load_model(model_dir, torch.float16).cuda()
+    started = time.monotonic()
     engine = engine_loop.Engine(model, load_tokenizer(model_dir), {2},
-                                {"max_model_len": "1024", "max_rolling_batch_size": str(max(rows_list))}, 1)
+                                {"max_model_len": "1024", "max_rolling_batch_size": str(max(rows_list)),
+                                 "torch_compile": str(compiled).lower()}, 1)
+    build_s = time.monotonic() - started
+    engine_loop.fuse_projections = fuse
     prompt = 200
     ids = torch.randint(100, 30000, (max(rows_list), prompt)).tolist()
     for row in range(max(rows_list)):
         engine.step(StepPlan(prefill=[Chunk(row, 0, ids[row])], keep=[prompt - 1]))
-    result = {}
+    result = {"build_s": round(build_s, 1), "compiled": engine.runner.compiled is not None}
     for rows in rows_list:
         plan = StepPlan(list(range(rows)), [5] * rows, [prompt] * rows, [], list(range(rows)))
         step_ms = per_call_ms(lambda: engine.step(plan), repeats)
@@ -62,6 +68,7 @@ def steps(model_dir: str, rows_list: list[int], repeats: int, fused: bool) -> di
         logits = engine.step(plan)
         result[rows] = {"step_ms": round(step_ms, 3), "replay_ms": round(replay_ms, 3),
                         "argmax": logits.argmax(-1)[:4].tolist(), "logit0": logits[0, :3].tolist()}
+        result[f"logits_{rows}"] = logits.cpu()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     result["weights_GB"] = weight_bytes / 1e9
     del engine, model
@@ -74,12 +81,22 @@ def main() -> None:
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--rows", type=int, action="append")
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--separate", action="store_true", help="also without fused projections")
     parser.add_argument("--out")
     args = parser.parse_args()
     rows = args.rows or [1, 64]
     report = {"card": torch.cuda.get_device_name(0), "gemv": gemv_bandwidth(),
-              "fused": steps(args.model_dir, rows, args.steps, True)}
-    report["separate"] = steps(args.model_dir, rows, args.steps, False)
+              "compiled": steps(args.model_dir, rows, args.steps),
+              "captured": steps(args.model_dir, rows, args.steps, compiled=False)}
+    if args.separate:
+        report["separate"] = steps(args.model_dir, rows, args.steps, fused=False, compiled=False)
+    for rows_ in rows:  # the compiled step's logits against the uncompiled one's
+        a, b = report["compiled"].pop(f"logits_{rows_}"), report["captured"].pop(f"logits_{rows_}")
+        report[f"compiled_vs_captured_{rows_}"] = {"argmax_equal": bool((a.argmax(-1) == b.argmax(-1)).all()),
+                                                   "max_abs_diff": float((a - b).abs().max())}
+    for variant in ("separate",):
+        for key in [k for k in report.get(variant, {}) if str(k).startswith("logits_")]:
+            report[variant].pop(key)
     print(json.dumps(report, indent=1))
     if args.out:
         with open(args.out, "w") as f:

@@ -97,6 +97,8 @@ class ModelConfig(BaseModel):
     """Share of each GPU's memory that weights and KV cache may take, when max_kv_cache_tokens is not set."""
     enable_cuda_graph: Annotated[bool, BeforeValidator(_strict_bool)] = Field(True, alias="option.enable_cuda_graph")
     """On CUDA, capture the engine's steps in CUDA graphs at load and replay them (DJL's key)."""
+    torch_compile: Annotated[bool, BeforeValidator(_strict_bool)] = Field(True, alias="option.torch_compile")
+    """With CUDA graphs, compile the forward (torch.compile, Inductor) before capturing it."""
     hang_timeout: int | None = Field(None, gt=0, alias="option.hang_timeout")
     """Seconds a group that has work may go without progress (a decode step, a streamed chunk, a finished
     unit) before it is declared hung and restarted. Default: predict_timeout + 30."""

@@ -59,7 +59,7 @@ class Varlen:
     cu_q: torch.Tensor  # [seqs + 1] int32
     k_start: torch.Tensor  # [seqs + 1] int32 (the last entry is not read)
     k_used: torch.Tensor  # [seqs] int32
-    max_q: int  # the longest sequence's query tokens (an upper bound will do)
+    max_q: int | None  # the longest sequence's query tokens (an upper bound will do); None: every packed token
 
 
 @dataclass
@@ -106,8 +106,10 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
 
 def _flash(query, table_keys, table_values, varlen: Varlen, max_len: int, scaling) -> torch.Tensor:
     q = query[0].transpose(0, 1)  # [T, heads, d]: the projection's own memory layout, no copy
+    # None (a captured prompt step): the packed length, a size the compiler keeps symbolic across buckets
+    max_q = q.shape[0] if varlen.max_q is None else varlen.max_q
     out = torch.ops.aten._flash_attention_forward(
-        q, table_keys, table_values, varlen.cu_q, varlen.k_start, varlen.max_q, max_len, 0.0, True, False,
+        q, table_keys, table_values, varlen.cu_q, varlen.k_start, max_q, max_len, 0.0, True, False,
         scale=scaling, seqused_k=varlen.k_used)[0]
     return out[None]
 

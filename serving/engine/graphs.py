@@ -12,8 +12,8 @@ them with one launch. A graph replays fixed shapes and fixed addresses, so:
 Padding only adds rows whose results nobody reads, so a padded step's kept logits are the unpadded step's
 (tests/engine check this token for token on the CPU, where the padded plan runs eagerly).
 
-There is no compiler here, only capture (torch.cuda.graph), which takes a few seconds at load and leaves
-nothing worth caching on disk. Steps no graph holds (more kept logits than rows, as with prompt log-probabilities,
+What a graph records is the compiled forward when the runner has one (runner.compile, `option.torch_compile`):
+Inductor fuses each layer's small kernels first, then capture removes the launches. Steps no graph holds (more kept logits than rows, as with prompt log-probabilities,
 or more tokens than the largest graph) run eagerly.
 """
 import logging
@@ -42,8 +42,8 @@ class Shape:
     prefill: bool
 
     @property
-    def max_q(self) -> int:
-        return self.tokens if self.prefill else 1
+    def max_q(self) -> int | None:
+        return None if self.prefill else 1  # None: the packed length (attention.Varlen)
 
 
 class Buckets:
@@ -107,11 +107,12 @@ class StepGraphs:
         for shape in sorted(self.buckets.shapes, key=lambda s: (s.tokens, s.seqs), reverse=True):
             inputs = StepTensors(self._packed(StepPlan(), shape), self.runner.device)
             with torch.inference_mode():
-                self.runner.forward(inputs, None)  # warm-up outside the capture: kernels pick their algorithms
+                # warm-up outside the capture: kernels pick their algorithms, the compiler compiles
+                self.runner.forward(inputs, None, compiled=True)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                    logits = self.runner.forward(inputs, None)
+                    logits = self.runner.forward(inputs, None, compiled=True)
             self.graphs[shape] = (graph, inputs, logits)
         torch.cuda.synchronize()
         return time.monotonic() - started

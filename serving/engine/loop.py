@@ -12,10 +12,12 @@ each rank's main thread; rank 0's intake thread only parses and tokenises, so a 
 import collections
 import copy
 import logging
+import os
 import random
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from pydantic import ValidationError
@@ -54,6 +56,7 @@ class EngineSettings:
     memory_utilization: float = 0.9  # option.gpu_memory_utilization: share of GPU memory for weights and KV
     predict_timeout: float = 120.0
     cuda_graph: bool = True  # option.enable_cuda_graph: capture steps in CUDA graphs (on CUDA, with flash)
+    torch_compile: bool = True  # option.torch_compile: compile the captured forward (fused small kernels)
 
     @classmethod
     def from_properties(cls, properties: dict[str, str]) -> "EngineSettings":
@@ -66,7 +69,8 @@ class EngineSettings:
                    max_model_len=value("max_model_len", None), kv_cache_tokens=value("max_kv_cache_tokens", None),
                    memory_utilization=value("gpu_memory_utilization", cls.memory_utilization, float),
                    predict_timeout=value("predict_timeout", cls.predict_timeout, float),
-                   cuda_graph=value("enable_cuda_graph", "true", str).lower() == "true")
+                   cuda_graph=value("enable_cuda_graph", "true", str).lower() == "true",
+                   torch_compile=value("torch_compile", "true", str).lower() == "true")
 
 
 def supports(model) -> bool:
@@ -110,11 +114,25 @@ class Engine:
             log.warning("steps run eagerly: CUDA graphs need flash attention's variable-length kernel with "
                         "per-sequence key counts (fp16 or bf16, and a torch that has it)")
             return None
-        graphs = StepGraphs(self.runner, Buckets(self.cache.slots, self.settings.prefill_tokens, self.max_len))
+        buckets = Buckets(self.cache.slots, self.settings.prefill_tokens, self.max_len)
         reserved = torch.cuda.memory_reserved(self.device)
-        seconds = graphs.capture()
-        log.info("captured %d CUDA graphs of the step in %.1f s (%.0f MiB more GPU memory reserved)",
-                 len(graphs.graphs), seconds, (torch.cuda.memory_reserved(self.device) - reserved) / 2**20)
+        if self.settings.torch_compile:
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "tpserve" / "inductor"))
+            self.runner.compile()
+        try:
+            graphs = StepGraphs(self.runner, buckets)
+            seconds = graphs.capture()
+        except Exception:
+            if self.runner.compiled is None:
+                raise
+            log.exception("torch.compile failed; capturing the uncompiled forward instead "
+                          "(option.torch_compile=false skips the attempt)")
+            self.runner.compiled = None
+            graphs = StepGraphs(self.runner, buckets)
+            seconds = graphs.capture()
+        log.info("%s %d CUDA graphs of the step in %.1f s (%.0f MiB more GPU memory reserved)",
+                 "compiled and captured" if self.runner.compiled is not None else "captured", len(graphs.graphs),
+                 seconds, (torch.cuda.memory_reserved(self.device) - reserved) / 2**20)
         return graphs
 
     def _budget_tokens(self, model, world_size: int) -> int | None:

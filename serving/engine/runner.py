@@ -34,7 +34,7 @@ class Packed:
     tokens: int
     seqs: int
     keep: int
-    max_q: int
+    max_q: int | None
     longs: np.ndarray
     ints: np.ndarray
 
@@ -87,6 +87,14 @@ class ModelRunner:
         self.cache = cache
         self.device = device
         self.flash = flash_available(device, next(model.parameters()).dtype)
+        self.compiled = None
+
+    def compile(self) -> None:
+        """Run captured steps through torch.compile (Inductor): each layer's small kernels (norms, rotary,
+        residual adds, SiLU and product) become a few fused ones, while the matmuls, attention and all-reduces stay
+        the libraries' own. Sizes are symbolic, so one compilation serves every bucket of the same kind; Inductor
+        caches what it builds on disk (TORCHINDUCTOR_CACHE_DIR), so a restart only traces again."""
+        self.compiled = torch.compile(self._call, dynamic=True)
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> torch.Tensor:
@@ -95,14 +103,20 @@ class ModelRunner:
         logits = self.forward(StepTensors(packed, self.device), None if self.flash else self.slot_rows(plan))
         return logits[0, :len(plan.keep)].float()
 
-    def forward(self, inputs: StepTensors, rows: SlotRows | None) -> torch.Tensor:
+    def forward(self, inputs: StepTensors, rows: SlotRows | None, compiled: bool = False) -> torch.Tensor:
         """The model's forward over packed inputs: [1, kept, vocab] in the model's dtype. Reads only device
-        tensors on the flash path (`rows` None), so it can be captured."""
+        tensors on the flash path (`rows` None), so it can be captured; `compiled` (graphs.py, at capture) takes
+        the compiled forward if there is one."""
         varlen = Varlen(inputs.cu_q, inputs.k_start, inputs.k_used, inputs.max_q) if rows is None else None
         step = StepBatch(self.cache, inputs.write_index, varlen, rows)
+        if compiled and self.compiled is not None:
+            return self.compiled(inputs.ids, inputs.positions, inputs.keep, step)
         with sdpa_kernel(BACKENDS):
-            return self.model(input_ids=inputs.ids, position_ids=inputs.positions, use_cache=False,
-                              logits_to_keep=inputs.keep, **{STEP_KWARG: step}).logits
+            return self._call(inputs.ids, inputs.positions, inputs.keep, step)
+
+    def _call(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, step: StepBatch) -> torch.Tensor:
+        return self.model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=keep,
+                          **{STEP_KWARG: step}).logits
 
     def slot_rows(self, plan: StepPlan) -> SlotRows:
         segments, offset = [], len(plan.decode_slots)
