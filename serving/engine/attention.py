@@ -7,11 +7,13 @@ applied). It writes them into the cache at each token's (slot, position), then a
 step (a decode row's one token, or a prefill chunk) over its own slot, causally, up to its own length.
 
 Two ways to attend, the same result:
-- `flash`: on CUDA, one call per layer of flash attention's variable-length kernel for the whole step. The
+- `varlen`: on CUDA, one call per layer of flash attention's variable-length kernel for the whole step. The
   cache is one token-major table and each sequence names where its slot starts and how many keys it uses
   (`seqused_k`), so every row reads only its own keys. The kernel's causal mask is aligned to the end of
   the keys, which is exactly a chunk that continues a prompt. Everything it reads is a device tensor, so a
-  step can be captured in a CUDA graph and replayed with new contents (graphs.py).
+  step can be captured in a CUDA graph and replayed with new contents (graphs.py). The cache write and the
+  kernel are one custom operator (`tpserve::varlen_attention`), which the compiler keeps whole. On a CPU
+  the operator attends one sequence at a time (tests of the compiled path).
 - `sdpa`: elsewhere (CPUs, and GPUs whose torch lacks the kernel's per-sequence key counts): the decode rows
   together in one SDPA call, masked to each row's length, then each prefill chunk on its own.
 
@@ -94,24 +96,59 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
     if step is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    keys, values = step.cache.layer(module.layer_idx, key)
-    # [1, kv_heads, T, d] -> [T, kv_heads, d], each packed token's row of the token table
-    table_keys, table_values = keys.view(-1, *keys.shape[2:]), values.view(-1, *values.shape[2:])
-    table_keys.index_copy_(0, step.write_index, key[0].transpose(0, 1))
-    table_values.index_copy_(0, step.write_index, value[0].transpose(0, 1))
+    kv = step.cache.layer(module, key)
     if step.varlen is not None:
-        return _flash(query, table_keys, table_values, step.varlen, step.cache.max_len, scaling), None
-    return _sdpa(query, keys, values, step.rows, scaling), None
+        v = step.varlen
+        # [1, heads, T, d] -> [T, heads, d]: the projections' own memory layout, no copy
+        out = torch.ops.tpserve.varlen_attention(
+            query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), kv, step.write_index,
+            v.cu_q, v.k_start, v.k_used, v.max_q, scaling)
+        return out[None], None
+    table = kv.view(2, -1, *kv.shape[3:])  # [2, (slots + 1) * max_len, kv_heads, d]: each token's row
+    table[0].index_copy_(0, step.write_index, key[0].transpose(0, 1))
+    table[1].index_copy_(0, step.write_index, value[0].transpose(0, 1))
+    return _sdpa(query, kv[0], kv[1], step.rows, scaling), None
 
 
-def _flash(query, table_keys, table_values, varlen: Varlen, max_len: int, scaling) -> torch.Tensor:
-    q = query[0].transpose(0, 1)  # [T, heads, d]: the projection's own memory layout, no copy
-    # None (a captured prompt step): the packed length, a size the compiler keeps symbolic across buckets
-    max_q = q.shape[0] if varlen.max_q is None else varlen.max_q
-    out = torch.ops.aten._flash_attention_forward(
-        q, table_keys, table_values, varlen.cu_q, varlen.k_start, max_q, max_len, 0.0, True, False,
-        scale=scaling, seqused_k=varlen.k_used)[0]
-    return out[None]
+@torch.library.custom_op("tpserve::varlen_attention", mutates_args=("kv",))
+def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv: torch.Tensor,
+                     write_index: torch.Tensor, cu_q: torch.Tensor, k_start: torch.Tensor, k_used: torch.Tensor,
+                     max_q: int | None, scale: float | None) -> torch.Tensor:
+    """Write the step's keys and values into a layer's cache, then attend every sequence over its own slot:
+    query [T, heads, d], key and value [T, kv_heads, d], kv [2, slots + 1, max_len, kv_heads, d]; [T, heads, d].
+
+    One opaque operator, declared to mutate `kv`, so the compiler (runner.compile) neither traces into it nor
+    copies the cache around it: the write happens in place, in the order the layer runs."""
+    table = kv.view(2, -1, *kv.shape[3:])
+    table[0].index_copy_(0, write_index, key)
+    table[1].index_copy_(0, write_index, value)
+    max_q = query.shape[0] if max_q is None else max_q
+    if query.is_cuda:
+        return torch.ops.aten._flash_attention_forward(
+            query, table[0], table[1], cu_q, k_start, max_q, kv.shape[2], 0.0, True, False, scale=scale,
+            seqused_k=k_used)[0]
+    return _varlen_reference(query, table[0], table[1], cu_q, k_start, k_used, scale)
+
+
+@varlen_attention.register_fake
+def _(query, key, value, kv, write_index, cu_q, k_start, k_used, max_q, scale):
+    return query.new_empty(query.shape)
+
+
+def _varlen_reference(query, keys, values, cu_q, k_start, k_used, scale) -> torch.Tensor:
+    """What flash's variable-length kernel computes, one sequence at a time with SDPA (CPUs, where the compiled
+    path is tested): each sequence's queries are the last of its keys, causally."""
+    out = torch.zeros_like(query)
+    gqa = query.shape[1] != keys.shape[1]
+    for q0, q1, k0, n in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), k_start.tolist(), k_used.tolist()):
+        if q1 == q0:
+            continue
+        mask = torch.arange(n)[None, :] <= torch.arange(n - (q1 - q0), n)[:, None]
+        o = F.scaled_dot_product_attention(query[q0:q1].transpose(0, 1)[None], keys[k0:k0 + n].transpose(0, 1)[None],
+                                           values[k0:k0 + n].transpose(0, 1)[None], attn_mask=mask.to(query.device),
+                                           scale=scale, enable_gqa=gqa)
+        out[q0:q1] = o[0].transpose(0, 1)
+    return out
 
 
 def _sdpa(query, keys, values, rows: SlotRows, scaling) -> torch.Tensor:

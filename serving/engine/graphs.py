@@ -130,7 +130,8 @@ class StepGraphs:
         else:
             padded = pad(plan, shape, self.cache.scratch, self.cache.max_len)
             logits = self.runner.forward(StepTensors(self._packed(plan, shape), self.runner.device),
-                                         None if self.runner.flash else self.runner.slot_rows(padded))
+                                         None if self.runner.varlen else self.runner.slot_rows(padded),
+                                         compiled=True)
         return logits[0, :len(plan.keep)].float()
 
     def _packed(self, plan: StepPlan, shape: Shape) -> Packed:

@@ -8,6 +8,11 @@ a row only up to its own length. The extra slot at the end, `scratch`, belongs t
 a captured step (graphs.py) write and read there. The head count is the rank's own share under tensor
 parallelism (which can differ between ranks when heads do not split evenly), so the tensors are created at the
 first forward, the engine's warm-up step, when each layer first shows its key shape.
+
+Each layer's K and V live on its attention module, as one non-persistent buffer [2, slots + 1, max_len, kv_heads,
+head_dim]: the compiler (runner.compile) compiles one decoder layer and reuses it for every layer, which works
+only if a layer finds its cache through itself (a buffer is an input of the compiled layer), not through its
+index into a table (a constant that would differ per layer).
 """
 import logging
 
@@ -17,12 +22,17 @@ import torch
 log = logging.getLogger("tpserve.engine.kv_cache")
 
 
+BUFFER = "tpserve_kv"
+
+
 class SlotCache:
-    def __init__(self, slots: int, max_len: int):
+    def __init__(self, slots: int, max_len: int, model: torch.nn.Module):
         self.slots = slots
         self.max_len = max_len
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
+        self.layers: list[torch.Tensor] = []
+        for module in model.modules():  # a cache an earlier engine left on the same model
+            if BUFFER in module._buffers:
+                del module._buffers[BUFFER]
 
     @property
     def scratch(self) -> int:
@@ -36,17 +46,17 @@ class SlotCache:
 
     @property
     def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
+        return sum(t.numel() * t.element_size() for t in self.layers)
 
-    def layer(self, index: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of layer `index`, each [slots + 1, max_len, kv_heads, head_dim]; `like` is that layer's new
-        keys, [1, kv_heads, tokens, head_dim]."""
-        keys = self.keys.get(index)
-        if keys is None:
-            shape = (self.slots + 1, self.max_len, like.shape[1], like.shape[3])
-            keys = self.keys[index] = zeros(shape, like.dtype, like.device)
-            self.values[index] = zeros(shape, like.dtype, like.device)
-        return keys, self.values[index]
+    def layer(self, module: torch.nn.Module, like: torch.Tensor) -> torch.Tensor:
+        """K and V of an attention module, [2, slots + 1, max_len, kv_heads, head_dim], made at its first call;
+        `like` is that layer's new keys, [1, kv_heads, tokens, head_dim]."""
+        kv = getattr(module, BUFFER, None)
+        if kv is None:
+            kv = zeros((2, self.slots + 1, self.max_len, like.shape[1], like.shape[3]), like.dtype, like.device)
+            module.register_buffer(BUFFER, kv, persistent=False)
+            self.layers.append(kv)
+        return kv
 
 
 def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -93,14 +93,14 @@ class Engine:
         self.max_len = model_max_len(model.config, self.settings.max_model_len)
         budget = self._budget_tokens(model, world_size)
         self.cache = SlotCache(_agreed(plan_slots(self.settings.max_rows, self.max_len, budget), world_size,
-                                       self.device), self.max_len)
+                                       self.device), self.max_len, model)
         self.runner = ModelRunner(model, self.cache, self.device)
         self.runner.run(StepPlan(prefill=[Chunk(0, 0, [0, 0])], keep=[1]))  # warm-up: every layer allocates K/V
         self.graphs = self._capture()
         log.info("rolling batch ready in %.1f s: %d rows of up to %d tokens, KV cache %.1f MiB on this rank, "
                  "prefill budget %d tokens per step, attention %s", time.monotonic() - started, self.cache.slots,
                  self.max_len, self.cache.bytes / 2**20, self.settings.prefill_tokens,
-                 "flash (variable length)" if self.runner.flash else "SDPA")
+                 "flash (variable length)" if self.runner.varlen else "SDPA")
 
     def step(self, plan: StepPlan) -> torch.Tensor:
         logits = self.graphs.run(plan) if self.graphs is not None else None
@@ -110,7 +110,7 @@ class Engine:
         """CUDA graphs of every step shape, unless option.enable_cuda_graph=false or the device cannot."""
         if not self.settings.cuda_graph or self.device.type != "cuda":
             return None
-        if not self.runner.flash:
+        if not self.runner.varlen:
             log.warning("steps run eagerly: CUDA graphs need flash attention's variable-length kernel with "
                         "per-sequence key counts (fp16 or bf16, and a torch that has it)")
             return None

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from serving.engine.attention import STEP_KWARG, Segment, SlotRows, StepBatch, Varlen, flash_available
@@ -86,21 +87,30 @@ class ModelRunner:
         self.model = model
         self.cache = cache
         self.device = device
-        self.flash = flash_available(device, next(model.parameters()).dtype)
-        self.compiled = None
+        # the variable-length operator (flash on CUDA) rather than SDPA over gathered rows
+        self.varlen = flash_available(device, next(model.parameters()).dtype)
+        self.layers: nn.ModuleList | None = None
+        self.compiled: nn.ModuleList | None = None
 
-    def compile(self) -> None:
-        """Run captured steps through torch.compile (Inductor): each layer's small kernels (norms, rotary,
-        residual adds, SiLU and product) become a few fused ones, while the matmuls, attention and all-reduces stay
-        the libraries' own. Sizes are symbolic, so one compilation serves every bucket of the same kind; Inductor
-        caches what it builds on disk (TORCHINDUCTOR_CACHE_DIR), so a restart only traces again."""
-        self.compiled = torch.compile(self._call, dynamic=True)
+    def compile(self) -> bool:
+        """Compile the model's decoder layer with torch.compile (Inductor), for captured steps: each layer's
+        small kernels (norms, rotary, residual adds, activation) fuse into a few, while the matmuls, attention
+        (one opaque operator, attention.py) and all-reduces stay the libraries' own. Every layer runs the same
+        code on its own weights and cache, so one compilation serves them all ("regional" compilation, seconds
+        rather than minutes), and sizes are symbolic, so one serves every bucket of a kind (decode of one row,
+        of several, prompt steps). Inductor caches its kernels on disk (TORCHINDUCTOR_CACHE_DIR). False if the
+        model has no stack of identical layers."""
+        self.layers = repeated_layers(self.model)
+        if self.layers is None:
+            return False
+        self.compiled = nn.ModuleList([torch.compile(layer, dynamic=True) for layer in self.layers])
+        return True
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> torch.Tensor:
         """Logits of the plan's kept positions, [len(plan.keep), vocab] float32."""
         packed = pack(plan, self.cache.max_len)
-        logits = self.forward(StepTensors(packed, self.device), None if self.flash else self.slot_rows(plan))
+        logits = self.forward(StepTensors(packed, self.device), None if self.varlen else self.slot_rows(plan))
         return logits[0, :len(plan.keep)].float()
 
     def forward(self, inputs: StepTensors, rows: SlotRows | None, compiled: bool = False) -> torch.Tensor:
@@ -110,9 +120,21 @@ class ModelRunner:
         varlen = Varlen(inputs.cu_q, inputs.k_start, inputs.k_used, inputs.max_q) if rows is None else None
         step = StepBatch(self.cache, inputs.write_index, varlen, rows)
         if compiled and self.compiled is not None:
-            return self.compiled(inputs.ids, inputs.positions, inputs.keep, step)
+            return self._compiled_call(inputs.ids, inputs.positions, inputs.keep, step)
         with sdpa_kernel(BACKENDS):
             return self._call(inputs.ids, inputs.positions, inputs.keep, step)
+
+    def _compiled_call(self, *args) -> torch.Tensor:
+        """The model's forward with its compiled layers in place of its own, for this call only (eager steps,
+        whose shapes vary freely, keep the uncompiled layers)."""
+        originals = list(self.layers)
+        for index, layer in enumerate(self.compiled):
+            self.layers[index] = layer
+        try:
+            return self._call(*args)
+        finally:
+            for index, layer in enumerate(originals):
+                self.layers[index] = layer
 
     def _call(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, step: StepBatch) -> torch.Tensor:
         return self.model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=keep,
@@ -149,3 +171,10 @@ class ModelRunner:
             return None
         rows = torch.arange(length)[:, None] + start
         return (torch.arange(start + length)[None, :] <= rows).to(self.device)
+
+
+def repeated_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The model's stack of decoder layers: its longest ModuleList of two or more modules of one class."""
+    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1
+              and len({type(layer) for layer in m}) == 1]
+    return max(stacks, key=len, default=None)

@@ -27,14 +27,18 @@ def loaded(model_dir: str):
 
 
 class EngineHarness:
-    def __init__(self, model_dir: str, padded: bool = False, **properties):
-        """`padded`: run every step the way a CUDA graph would, padded to its bucket (graphs.py), eagerly."""
+    def __init__(self, model_dir: str, padded: bool = False, compiled: bool = False, **properties):
+        """`padded`: run every step the way a CUDA graph would, padded to its bucket (graphs.py), eagerly.
+        `compiled`: and through the compiled layers and the variable-length attention operator, as on a GPU."""
         model, tokenizer = loaded(model_dir)
         eos = model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos])
         props = {key: str(value) for key, value in properties.items()}
         self.engine = Engine(model, tokenizer, eos, props, world_size=1)
-        if padded:
+        if compiled:
+            self.engine.runner.varlen = True
+            assert self.engine.runner.compile()
+        if padded or compiled:
             buckets = Buckets(self.engine.cache.slots, self.engine.settings.prefill_tokens, self.engine.max_len)
             self.engine.graphs = StepGraphs(self.engine.runner, buckets)
         self.tokenizer = tokenizer
