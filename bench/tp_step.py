@@ -1,0 +1,134 @@
+"""Where a captured decode step's time goes under tensor parallelism (issue 13), in process, one rank per GPU,
+no server: each rank loads its AutoTP shard as the built-in handler does, builds the engine (compiled and
+captured, or captured only), then rank 0 reports the batch-1 and batch-N replay times, a profiler table of the
+replay's kernels (all-reduces apart), and the cost of one hidden-state all-reduce inside a CUDA graph, over
+NCCL and, where this torch has it, over symmetric memory (one-shot, NVLink peers, no multicast).
+
+    torchrun --nproc-per-node N -m bench.tp_step --model-dir M [--rows 1 --rows 64] [--no-compile] [--out F]
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from bench.step_time import per_call_ms
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, repeats: int) -> float:
+    dist.barrier()
+    return per_call_ms(graph.replay, repeats)
+
+
+def kernel_table(graph: torch.cuda.CUDAGraph, replays: int) -> dict:
+    """GPU time per replay by kernel family, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    families: dict[str, float] = {}
+    for event in prof.key_averages():
+        us = event.device_time_total / replays
+        if us <= 0:
+            continue
+        name = event.key
+        family = ("all-reduce (nccl)" if "nccl" in name.lower() else "gemm/gemv" if any(
+            k in name.lower() for k in ("gemm", "gemv", "cutlass", "sm90_xmma", "splitk")) else
+            "attention (flash)" if "flash" in name.lower() else "triton (fused)" if "triton" in name.lower()
+            else name[:60])
+        families[family] = families.get(family, 0.0) + us
+    return {name: round(us, 1) for name, us in sorted(families.items(), key=lambda kv: -kv[1])[:16]}
+
+
+def allreduce_in_graph(hidden: int, rows: int, count: int = 64) -> dict:
+    """Microseconds per all-reduce of a [rows, hidden] fp16 tensor, `count` of them captured in one graph."""
+    out = {}
+    x = torch.randn(rows, hidden, dtype=torch.float16, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    dist.all_reduce(x)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        for _ in range(count):
+            dist.all_reduce(x)
+    out["nccl_us"] = round(replay_ms(graph, 20) * 1000 / count, 2)
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+        group = dist.group.WORLD.group_name
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):
+            symm_mem.enable_symm_mem_for_group(group)
+        buf = symm_mem.empty(rows * hidden, dtype=torch.float16, device="cuda")
+        symm_mem.rendezvous(buf, group)
+        buf.copy_(x.view(-1))
+        reduced = torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", group)
+        expected = x.view(-1) * dist.get_world_size()
+        torch.cuda.synchronize()
+        out["symm_one_shot_matches"] = bool(torch.allclose(reduced.float(), expected.float(), rtol=1e-2, atol=1e-1))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(count):
+                buf.copy_(x.view(-1))
+                torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", group)
+        out["symm_one_shot_us"] = round(replay_ms(graph, 20) * 1000 / count, 2)
+    except Exception as error:  # noqa: BLE001 - report what this torch lacks, keep the rest of the run
+        out["symm_one_shot_error"] = f"{type(error).__name__}: {error}"[:300]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--rows", type=int, action="append")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    rows_list = args.rows or [1, 64]
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local)
+    import deepspeed
+    deepspeed.init_distributed(dist_backend="nccl", verbose=False)
+    world = dist.get_world_size()
+
+    from handlers.loading import load_rank_model, load_tokenizer
+    from serving.engine.loop import Engine
+    from serving.engine.plan import Chunk, StepPlan
+    started = time.monotonic()
+    model = load_rank_model({"model_dir": args.model_dir, "tensor_parallel_degree": str(world)}, torch.float16)
+    if world == 1:
+        model = model.cuda()
+    loaded = time.monotonic() - started
+    engine = Engine(model, load_tokenizer(args.model_dir), {2},
+                    {"max_model_len": "1024", "max_rolling_batch_size": str(max(rows_list)),
+                     "torch_compile": str(not args.no_compile).lower()}, world)
+    built = time.monotonic() - started - loaded
+    prompt = 200
+    ids = torch.randint(100, 30000, (max(rows_list), prompt), generator=torch.Generator().manual_seed(0)).tolist()
+    for row in range(max(rows_list)):
+        engine.step(StepPlan(prefill=[Chunk(row, 0, ids[row])], keep=[prompt - 1]))
+    report = {"card": torch.cuda.get_device_name(0), "tp": world, "compiled": engine.runner.compiled is not None,
+              "load_s": round(loaded, 1), "engine_build_s": round(built, 1),
+              "gpu_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20)}
+    for rows in rows_list:
+        plan = StepPlan(list(range(rows)), [5] * rows, [prompt] * rows, [], list(range(rows)))
+        dist.barrier()
+        step = per_call_ms(lambda: engine.step(plan), 50)
+        graph = engine.graphs.graphs[engine.graphs.buckets.pick(plan)][0]
+        report[f"rows_{rows}"] = {"step_ms": round(step, 3), "replay_ms": round(replay_ms(graph, 50), 3),
+                                  "kernels_us": kernel_table(graph, 10)}
+    hidden = model.config.hidden_size
+    if world > 1:
+        report["allreduce_1_row"] = allreduce_in_graph(hidden, 1)
+        report["allreduce_64_rows"] = allreduce_in_graph(hidden, 64)
+    if dist.get_rank() == 0:
+        print(json.dumps(report, indent=1))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
