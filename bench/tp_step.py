@@ -126,7 +126,6 @@ def main() -> None:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=1)
-    dist.barrier()
     dist.destroy_process_group()
 
 
