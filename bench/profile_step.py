@@ -9,21 +9,12 @@ import time
 
 import torch
 
+from bench.step_time import per_call_ms
 from handlers.loading import load_model, load_tokenizer
 from serving.engine.loop import Engine
 from serving.engine.plan import Chunk, StepPlan
 from serving.engine.sampling import SamplingRow, sample
 from serving.schemas import GenerationParameters
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - started) / repeats * 1000
 
 
 def main() -> None:
@@ -52,10 +43,10 @@ def main() -> None:
         position[0] += 1
         return engine.step(plan)
 
-    decode_ms = timed(decode, args.steps)
+    decode_ms = per_call_ms(decode, args.steps)
     logits = decode()
     sampling_rows = [SamplingRow(GenerationParameters(min_new_tokens=128), None, list, 0, {2}) for _ in range(rows)]
-    sample_ms = timed(lambda: sample(logits, sampling_rows), args.steps)
+    sample_ms = per_call_ms(lambda: sample(logits, sampling_rows), args.steps)
 
     from transformers import DynamicCache
     model.config._attn_implementation = "sdpa"
@@ -63,7 +54,7 @@ def main() -> None:
     with torch.inference_mode():
         model(torch.tensor(ids, device="cuda"), past_key_values=cache, use_cache=True)
         token = torch.full((rows, 1), 5, device="cuda")
-        hf_ms = timed(lambda: model(token, past_key_values=cache, use_cache=True), args.steps)
+        hf_ms = per_call_ms(lambda: model(token, past_key_values=cache, use_cache=True), args.steps)
     model.config._attn_implementation = "tpserve_slots"
 
     print(f"{torch.cuda.get_device_name(0)}, {rows} rows, prompts of {prompt} tokens")

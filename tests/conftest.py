@@ -22,17 +22,21 @@ def demo_model() -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory, demo_model) -> Path:
     """A 2-layer Llama with random weights: 4 heads and 2 KV heads split evenly over 2 ranks."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), demo_model, heads=4, kv_heads=2, seed=0)
+
+
+def save_tiny_llama(path: Path, tokenizer_dir, heads: int, kv_heads: int, seed: int) -> Path:
+    """A 2-layer random-weight Llama (hidden 256) with SmolLM2's tokenizer, saved to `path`."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    path = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512,
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, vocab_size=49152, max_position_embeddings=512,
                          initializer_range=0.2, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
                          pad_token_id=2)
     LlamaForCausalLM(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(demo_model).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
     return path
 
 

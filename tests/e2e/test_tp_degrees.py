@@ -3,7 +3,7 @@ slow but exact): the rolling-batch engine's greedy tokens and a seeded sample ar
 tiny random Llama whose 8 heads and 4 key/value heads split evenly over 4 ranks."""
 import pytest
 
-from tests.conftest import model_dir
+from tests.conftest import model_dir, save_tiny_llama
 from tests.server import Server
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,", "1, 2, 3, 4, 5,"]
@@ -12,18 +12,7 @@ DEGREES = (1, 2, 4)
 
 @pytest.fixture(scope="module")
 def llama8(tmp_path_factory, demo_model):
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-llama8")
-    torch.manual_seed(1)
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
-                         num_key_value_heads=4, vocab_size=49152, max_position_embeddings=512,
-                         initializer_range=0.2, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=2)
-    LlamaForCausalLM(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(demo_model).save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama8"), demo_model, heads=8, kv_heads=4, seed=1)
 
 
 @pytest.fixture(scope="module")
