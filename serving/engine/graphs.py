@@ -24,7 +24,7 @@ import torch
 
 from serving.engine.kv_cache import SlotCache
 from serving.engine.plan import Chunk, StepPlan
-from serving.engine.runner import ModelRunner, Packed, StepTensors, pack
+from serving.engine.runner import Feed, ModelRunner, Packed, StepTensors, pack
 
 log = logging.getLogger("tpserve.engine.graphs")
 DECODE_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
@@ -78,7 +78,7 @@ def pad(plan: StepPlan, shape: Shape, scratch: int, max_len: int) -> StepPlan:
         extra = shape.seqs - len(plan.decode_slots)
         positions = [i % max_len for i in range(extra)]
         return StepPlan(plan.decode_slots + [scratch] * extra, plan.decode_tokens + [0] * extra,
-                        plan.decode_positions + positions, [], keep)
+                        plan.decode_positions + positions, [], keep, plan.fed + [-1] * extra if plan.fed else [])
     chunks = list(plan.prefill)
     extra = shape.tokens - plan.n_tokens
     while extra:
@@ -87,7 +87,7 @@ def pad(plan: StepPlan, shape: Shape, scratch: int, max_len: int) -> StepPlan:
         extra -= length
     empty = shape.seqs - len(plan.decode_slots) - len(chunks)
     chunks += [Chunk(scratch, 0, []) for _ in range(empty)]
-    return StepPlan(plan.decode_slots, plan.decode_tokens, plan.decode_positions, chunks, keep)
+    return StepPlan(plan.decode_slots, plan.decode_tokens, plan.decode_positions, chunks, keep, plan.fed)
 
 
 class StepGraphs:
@@ -118,19 +118,21 @@ class StepGraphs:
         return time.monotonic() - started
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan) -> torch.Tensor | None:
-        """The plan's kept logits ([len(plan.keep), vocab] float32) from its graph, or None if none holds it."""
+    def run(self, plan: StepPlan, feed: Feed | None = None) -> torch.Tensor | None:
+        """The plan's kept logits ([len(plan.keep), vocab] float32) from its graph, or None if none holds it.
+        `feed`: the decode tokens that are on the device (runner.Feed)."""
         shape = self.buckets.pick(plan)
         if shape is None:
             return None
         if self.graphs:
             graph, inputs, logits = self.graphs[shape]
-            inputs.fill(self._packed(plan, shape))
+            inputs.fill(self._packed(plan, shape), feed)
             graph.replay()
         else:
             padded = pad(plan, shape, self.cache.scratch, self.cache.max_len)
-            logits = self.runner.forward(StepTensors(self._packed(plan, shape), self.runner.device),
-                                         None if self.runner.varlen else self.runner.slot_rows(padded),
+            inputs = StepTensors(self._packed(plan, shape), self.runner.device)
+            inputs.fill(None, feed)
+            logits = self.runner.forward(inputs, None if self.runner.varlen else self.runner.slot_rows(padded),
                                          compiled=True)
         return logits[0, :len(plan.keep)].float()
 

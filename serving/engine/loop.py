@@ -32,8 +32,8 @@ from serving.engine.intake import RequestError, parse_request, tokenize, wants_s
 from serving.engine.kv_cache import SlotCache, bytes_per_token, plan_slots
 from serving.engine.plan import Chunk, StepPlan
 from serving.engine.request import Request, Row
-from serving.engine.runner import ModelRunner
-from serving.engine.sampling import Draw, SamplingRow, sample
+from serving.engine.runner import Feed, ModelRunner
+from serving.engine.sampling import Draw, Drawn, SamplingRow, queue_draws
 from serving.engine.scheduler import Kept, Scheduler
 from serving.frames import Error, Frame, Request as RequestFrame, Response, Started, Step
 from serving.rank.inputs import Input
@@ -95,6 +95,10 @@ class Engine:
         self.cache = SlotCache(_agreed(plan_slots(self.settings.max_rows, self.max_len, budget), world_size,
                                        self.device), self.max_len, model)
         self.runner = ModelRunner(model, self.cache, self.device)
+        self.world_size = world_size
+        # the tokens rank 0 sampled in the last step, on the device, that the next step's decode rows take
+        # (plan.fed); other ranks receive them by broadcast, so no rank waits for the host to read them
+        self.sampled = torch.zeros(self.cache.slots, dtype=torch.long, device=self.device)
         self.runner.run(StepPlan(prefill=[Chunk(0, 0, [0, 0])], keep=[1]))  # warm-up: every layer allocates K/V
         self.graphs = self._capture()
         log.info("rolling batch ready in %.1f s: %d rows of up to %d tokens, KV cache %.1f MiB on this rank, "
@@ -103,8 +107,18 @@ class Engine:
                  "flash (variable length)" if self.runner.varlen else "SDPA")
 
     def step(self, plan: StepPlan) -> torch.Tensor:
-        logits = self.graphs.run(plan) if self.graphs is not None else None
-        return self.runner.run(plan) if logits is None else logits
+        """Queue the plan's forward on the device; its kept logits, [len(plan.keep), vocab] float32."""
+        feed = None
+        if plan.fed:
+            if self.world_size > 1:  # every rank reaches this with the same plan, so the calls pair up
+                torch.distributed.broadcast(self.sampled, src=0)
+            feed = Feed.of(plan, self.sampled)
+        logits = self.graphs.run(plan, feed) if self.graphs is not None else None
+        return self.runner.run(plan, feed) if logits is None else logits
+
+    def keep_sampled(self, tokens: torch.Tensor) -> None:
+        """Rank 0: the tokens just sampled, for the next step's plan.fed (queued, no wait)."""
+        self.sampled[:len(tokens)].copy_(tokens)
 
     def _capture(self) -> StepGraphs | None:
         """CUDA graphs of every step shape, unless option.enable_cuda_graph=false or the device cannot."""
@@ -189,7 +203,7 @@ class EngineLoop:
         self.requests: dict[int, Request] = {}
         self.inbox: collections.deque[Request] = collections.deque()  # tokenised, not yet scheduled
         self.in_intake: set[int] = set()
-        self.drawn: list[tuple[Row, Draw]] = []  # sampled last step, not yet detokenised and streamed
+        self.drawn: tuple[list[Row], Drawn] | None = None  # sampled last step, not yet read on the host
         self.stopping = False
         # the intake thread tokenises with its own copy: a fast tokenizer used from two threads at once can fail
         self.intake_tokenizer = copy.deepcopy(engine.tokenizer)
@@ -262,11 +276,16 @@ class EngineLoop:
         return found
 
     def _step(self) -> None:
-        """One step, pipelined: the step's forward is queued on the device first, then the previous step's
-        tokens are detokenised and streamed while it runs, then this step's tokens are sampled (which waits
-        for the device). Ends that the token id decides (end of sequence, length) are known at sampling, so a
-        finished row never runs another step; a stop sequence is found in the text one step later, and the
-        row's token from that step is dropped."""
+        """One step, pipelined so that the device never waits for the host:
+        1. plan this step and queue its forward. Decode rows take the tokens sampled last step straight from
+           the device (plan.fed): the host has not read them yet;
+        2. read last step's tokens (this waits for last step, while this step's forward is queued behind it),
+           decide which rows they end, detokenise and stream them;
+        3. queue this step's sampling, with each row's penalties, masks and counts as of last step's token.
+        A row whose token ends it (end of sequence, a stop sequence) is known in 2, one step after it was
+        sampled: it has run one more forward, whose token is dropped, and its slot is free from the next plan
+        on. Ends the host knows before the token (max_new_tokens, the row's room in its slot) stop the row from
+        being fed at once."""
         plan, kept = self.scheduler.schedule()
         logits = None
         if plan.n_tokens:
@@ -276,15 +295,16 @@ class EngineLoop:
             self.relay.working = True  # has work: the watchdog expects progress
             self.relay.comm.broadcast(Step(plan.pack()))
             logits = self.engine.step(plan)
-        drawn, self.drawn = self.drawn, []
-        self.relay.send_frames(self._emit(drawn))
+        drawn, self.drawn = self.drawn, None
+        if drawn is not None:
+            self.relay.send_frames(self._emit(*drawn))
         if logits is not None:
             self.drawn = self._sample(kept, logits)
         self.relay.note_progress()  # the watchdog counts time since the last step, not since a unit began
 
-    def _sample(self, kept: list[Kept], logits: torch.Tensor) -> list[tuple[Row, Draw]]:
-        """Draw the next token of each row that produces one this step; record prompt log-probabilities. A row
-        whose token ends it leaves the batch now (its slot is free for the next step)."""
+    def _sample(self, kept: list[Kept], logits: torch.Tensor) -> tuple[list[Row], Drawn] | None:
+        """Queue the draw of the next token of each row that produces one this step, and feed those tokens to
+        the next step; record prompt log-probabilities."""
         sampled = [i for i, k in enumerate(kept) if k.prompt_index is None and not k.row.done]
         prompt = [i for i, k in enumerate(kept) if k.prompt_index is not None]
         if prompt:  # decoder_input_details: one log-softmax over every prompt position kept this step
@@ -293,27 +313,30 @@ class EngineLoop:
             for i, value in zip(prompt, values):
                 kept[i].row.prompt_log_probs.append(value)
         rows = [kept[i].row for i in sampled]
+        if not rows:
+            return None
         if len(sampled) < len(kept):
             logits = logits[sampled]
-        draws = sample(logits, [SamplingRow(row.request.params, row.generator, lambda row=row: row.history,
-                                            len(row.sequence.ids), self.engine.eos, row.sequence.constraint)
-                                for row in rows])
-        for row, draw in zip(rows, draws):
-            row.ending = row.sequence.token_finish(draw.token, self.engine.eos, len(row.sequence.ids) + 1)
+        drawn = queue_draws(logits, [SamplingRow(row.request.params, row.generator, lambda row=row: row.history,
+                                                len(row.sequence.ids), self.engine.eos, row.sequence.constraint)
+                                    for row in rows])
+        self.engine.keep_sampled(drawn.tokens)
+        for index, row in enumerate(rows):
+            # the token drawn now is the row's (len(ids) + 1)-th; past max_new_tokens or its slot nothing follows
+            if len(row.sequence.ids) + 1 < row.request.params.max_new_tokens and row.cached < self.engine.max_len:
+                row.fed = index
+        return rows, drawn
+
+    def _emit(self, rows: list[Row], drawn: Drawn) -> list[Frame]:
+        """Read a step's drawn tokens; detokenise and stream them, finish the rows they end; the frames to send."""
+        frames: list[Frame] = []
+        for row, token in zip(rows, drawn.resolve()):
+            if row.done:  # cancelled or expired since the draw: its token is dropped
+                continue
+            row.ending = row.sequence.token_finish(token.token, self.engine.eos, len(row.sequence.ids) + 1)
             if row.ending is None and row.cached >= self.engine.max_len:
                 row.ending = "length"  # no room left in the row's slot to feed this token
-            if row.ending is None:
-                row.next_token = draw.token
-            else:
-                self.scheduler.release(row)
-        return list(zip(rows, draws))
-
-    def _emit(self, drawn: list[tuple[Row, Draw]]) -> list[Frame]:
-        """Detokenise and stream each drawn token, finish the rows that end; the frames to send."""
-        frames: list[Frame] = []
-        for row, draw in drawn:
-            if not row.done:  # else cancelled, expired or stopped since the draw: its token is dropped
-                self._advance(row, draw, frames)
+            self._advance(row, token, frames)
         return frames
 
     def _advance(self, row: Row, draw: Draw, frames: list[Frame]) -> None:

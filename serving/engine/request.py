@@ -33,7 +33,7 @@ class Row:
     generator: torch.Generator | None
     slot: int | None = None
     cached: int = 0  # tokens whose keys and values are in the slot
-    next_token: int | None = None  # sampled last step, fed to the model this step
+    fed: int | None = None  # where its last sampled token is in Engine.sampled, to feed the next step
     ending: str | None = None  # why the last sampled token ends the row (known before it is detokenised)
     prompt_log_probs: list[float] = field(default_factory=list)
 

@@ -76,10 +76,32 @@ class StepTensors:
         self.cu_q, self.k_start, self.k_used = ints[:s + 1], ints[s + 1:2 * s + 2], ints[2 * s + 2:]
         self.max_q = packed.max_q
 
-    def fill(self, packed: Packed) -> None:
-        """New contents of the same shape (a captured graph's buffers)."""
-        self.longs.copy_(torch.from_numpy(packed.longs), non_blocking=True)
-        self.ints.copy_(torch.from_numpy(packed.ints), non_blocking=True)
+    def fill(self, packed: Packed | None, feed: "Feed | None" = None) -> None:
+        """New contents of the same shape (a captured graph's buffers; None: keep them), then the fed tokens."""
+        if packed is not None:
+            self.longs.copy_(torch.from_numpy(packed.longs), non_blocking=True)
+            self.ints.copy_(torch.from_numpy(packed.ints), non_blocking=True)
+        if feed is not None:
+            self.longs[feed.rows] = feed.source[feed.index]  # decode rows are the first packed tokens
+
+
+@dataclass
+class Feed:
+    """Decode tokens that never went to the host: packed row `rows[i]` takes `source[index[i]]`, where `source`
+    holds the tokens sampled in the step before (Engine.sampled). Queued on the device after that step's
+    sampling, so the next step starts without waiting for the host to read them (loop.py)."""
+
+    rows: torch.Tensor
+    index: torch.Tensor
+    source: torch.Tensor
+
+    @classmethod
+    def of(cls, plan: StepPlan, source: torch.Tensor) -> "Feed | None":
+        pairs = [(row, index) for row, index in enumerate(plan.fed) if index >= 0]
+        if not pairs:
+            return None
+        both = torch.tensor(pairs, dtype=torch.long).to(source.device, non_blocking=True)
+        return cls(both[:, 0], both[:, 1], source)
 
 
 class ModelRunner:
@@ -107,10 +129,11 @@ class ModelRunner:
         return True
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan) -> torch.Tensor:
+    def run(self, plan: StepPlan, feed: Feed | None = None) -> torch.Tensor:
         """Logits of the plan's kept positions, [len(plan.keep), vocab] float32."""
-        packed = pack(plan, self.cache.max_len)
-        logits = self.forward(StepTensors(packed, self.device), None if self.varlen else self.slot_rows(plan))
+        inputs = StepTensors(pack(plan, self.cache.max_len), self.device)
+        inputs.fill(None, feed)
+        logits = self.forward(inputs, None if self.varlen else self.slot_rows(plan))
         return logits[0, :len(plan.keep)].float()
 
     def forward(self, inputs: StepTensors, rows: SlotRows | None, compiled: bool = False) -> torch.Tensor:

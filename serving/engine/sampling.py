@@ -39,9 +39,13 @@ class SamplingRow:
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Draw]:
-    """logits: [len(rows), vocab], float32, one row per SamplingRow."""
-    if not rows:
-        return []
+    """logits: [len(rows), vocab], float32, one row per SamplingRow. Waits for the draws."""
+    return queue_draws(logits, rows).resolve() if rows else []
+
+
+def queue_draws(logits: torch.Tensor, rows: list[SamplingRow]) -> "Drawn":
+    """The draws, queued on the logits' device: nothing here waits for the device (the penalties and masks are
+    built from what the host knows of each row)."""
     scores = logits.clone()
     for index, row in enumerate(rows):
         if row.params.repetition_penalty != 1.0:
@@ -57,18 +61,38 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Draw]:
         probs = log_probs[sampled].exp()
         for at, i in enumerate(sampled):
             tokens[i] = torch.multinomial(probs[at], 1, generator=rows[i].generator)[0]
-    token_list = tokens.tolist()
-    chosen = log_probs.gather(1, tokens[:, None])[:, 0].tolist()
-    tops: list[list[tuple[int, float]] | None] = [None] * len(rows)
-    widest = max(row.params.top_n_tokens for row in rows)
-    if widest:
-        values, ids = torch.topk(log_probs, widest, dim=-1)
-        values, ids = values.tolist(), ids.tolist()
-        for i, row in enumerate(rows):
-            n = row.params.top_n_tokens
-            if n:
-                tops[i] = list(zip(ids[i][:n], values[i][:n]))
-    return [Draw(t, lp, top) for t, lp, top in zip(token_list, chosen, tops)]
+    chosen = log_probs.gather(1, tokens[:, None])[:, 0]
+    widths = [row.params.top_n_tokens for row in rows]
+    top = torch.topk(log_probs, max(widths), dim=-1) if max(widths) else None
+    return Drawn(tokens, chosen, top, widths)
+
+
+class Drawn:
+    """One step's draws as the device computes them. `tokens` (on the device) can feed the next step right away;
+    `resolve` waits for them and reads them on the host. The copies to the host are queued at once, into pinned
+    memory, so resolving later costs no extra device round trip."""
+
+    def __init__(self, tokens: torch.Tensor, chosen: torch.Tensor, top, widths: list[int]):
+        self.tokens = tokens
+        self.widths = widths
+        parts = [tokens, chosen] + ([top.values, top.indices] if top is not None else [])
+        self._host = [part.to("cpu", non_blocking=True) for part in parts]
+        self._ready = None
+        if tokens.is_cuda:
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def resolve(self) -> list[Draw]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        token_list, chosen = self._host[0].tolist(), self._host[1].tolist()
+        tops: list[list[tuple[int, float]] | None] = [None] * len(token_list)
+        if len(self._host) > 2:
+            values, ids = self._host[2].tolist(), self._host[3].tolist()
+            for i, n in enumerate(self.widths):
+                if n:
+                    tops[i] = list(zip(ids[i][:n], values[i][:n]))
+        return [Draw(t, lp, top) for t, lp, top in zip(token_list, chosen, tops)]
 
 
 def _penalise(scores: torch.Tensor, index: int, row: SamplingRow) -> None:

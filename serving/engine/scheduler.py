@@ -45,14 +45,15 @@ class Scheduler:
         the plan is run right after."""
         plan, kept = StepPlan(), []
         for row in self.running:
-            if not row.prefilling and row.next_token is not None:
+            if not row.prefilling and row.fed is not None:
                 plan.decode_slots.append(row.slot)
-                plan.decode_tokens.append(row.next_token)
+                plan.decode_tokens.append(0)  # the token is on the device: plan.fed says where
+                plan.fed.append(row.fed)
                 plan.decode_positions.append(row.cached)
                 plan.keep.append(len(kept))
                 kept.append(Kept(row))
                 row.cached += 1
-                row.next_token = None
+                row.fed = None
         offset = len(plan.decode_slots)
         budget = self.prefill_tokens
         for row in self._prefill_candidates():

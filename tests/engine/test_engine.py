@@ -72,6 +72,22 @@ def test_seeded_sample_is_the_same_alone_and_in_a_busy_batch(harness, demo_model
         h.answer(rid)
 
 
+def test_a_row_its_token_ends_drops_the_step_after_and_frees_its_slot(harness, tiny_llama):
+    """Each step's decode rows are fed the tokens sampled in the step before, on the device, before the host
+    reads them (loop.py): a row whose token ends it has already run one more forward. That forward's token must
+    never reach the answer, and the row's slot must go to the requests that wait for one."""
+    h = harness(tiny_llama, max_rolling_batch_size=2)
+    prompts = [p for p, _ in WORK[:4]]
+    full = [token_ids(h.answer(h.submit({"inputs": p, "parameters": greedy(12)}))) for p in prompts]
+    # end each row at its 4th token, named as a stop token: an end only the token itself decides
+    rids = [h.submit({"inputs": p, "parameters": greedy(12, stop_token_ids=[ids[3]])}) for p, ids in zip(prompts, full)]
+    for ids, rid in zip(full, rids):  # four requests, two slots: two of them wait for the first two to end
+        answer = h.answer(rid)
+        assert token_ids(answer) == ids[:ids.index(ids[3]) + 1]
+        assert answer["details"]["finish_reason"] == "eos_token"
+    assert sorted(h.loop.scheduler.free) == [0, 1] and not h.loop.scheduler.running
+
+
 def test_a_late_request_streams_before_the_running_one_finishes(harness, demo_model):
     h = harness(demo_model)
     long = h.submit({"inputs": "Count with me:", "parameters": {"max_new_tokens": 60, "min_new_tokens": 60},

@@ -10,11 +10,13 @@ from serving.schemas import GenerationParameters
 
 
 def test_a_plan_survives_its_wire_form():
-    plan = StepPlan([3, 0], [11, 12], [40, 7], [Chunk(1, 0, [5, 6, 7]), Chunk(2, 16, [9])], [0, 1, 4, 5])
+    plan = StepPlan([3, 0], [11, 0], [40, 7], [Chunk(1, 0, [5, 6, 7]), Chunk(2, 16, [9])], [0, 1, 4, 5], [-1, 4])
     data = plan.pack()
     assert StepPlan.unpack(data) == plan
-    assert len(data) == 4 * (3 + 2 * 3 + 2 * 3 + 4 + 4)
+    assert len(data) == 4 * (4 + 2 * 3 + 2 * 3 + 4 + 4 + 2)
     assert plan.n_tokens == 6
+    given = StepPlan([3], [11], [40], [], [0])  # every token in the plan: no fed list on the wire
+    assert StepPlan.unpack(given.pack()) == given
 
 
 def rows(*lengths: int, **params) -> list[Row]:
@@ -34,9 +36,10 @@ def test_prefill_is_chunked_under_the_token_budget_and_decode_rows_go_first():
     plan, kept = scheduler.schedule()
     assert [(c.slot, c.start, len(c.tokens)) for c in plan.prefill] == [(0, 8, 4), (1, 0, 3)]
     assert [k.row for k in kept] == [long, short] and plan.keep == [3, 6]
-    long.next_token, short.next_token = 100, 200
+    long.fed, short.fed = 1, 0  # where each row's sampled token is in the engine's device buffer
     plan, kept = scheduler.schedule()
-    assert (plan.decode_slots, plan.decode_tokens, plan.decode_positions) == ([0, 1], [100, 200], [12, 3])
+    assert (plan.decode_slots, plan.fed, plan.decode_positions) == ([0, 1], [1, 0], [12, 3])
+    assert long.fed is None and short.fed is None  # fed once
     assert plan.keep == [0, 1] and not plan.prefill
 
 
