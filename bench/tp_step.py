@@ -5,6 +5,12 @@ replay's kernels (all-reduces apart), and the cost of one hidden-state all-reduc
 NCCL and, where this torch has it, over symmetric memory (one-shot, NVLink peers, no multicast).
 
     torchrun --nproc-per-node N -m bench.tp_step --model-dir M [--rows 1 --rows 64] [--no-compile] [--out F]
+             [--logits L]
+    python -m bench.tp_step --compare L1 L2 L4     # logits of TP=1, 2, 4 runs on the same seeded inputs
+
+`--logits` saves the first decode step's logits (every row, seeded prompts) for `--compare`, which reports how
+far each TP's logits are from the first file's and whether the top token agrees: everywhere, and in the rows whose
+top-2 margin is wider than that distance (a random-weight model has near-ties that any rounding flips).
 """
 import argparse
 import json
@@ -77,13 +83,35 @@ def allreduce_in_graph(hidden: int, rows: int, count: int = 64) -> dict:
     return out
 
 
+def compare(paths: list[str]) -> dict:
+    """Each file's logits against the first's: max |difference|, top-token agreement overall and where the
+    first file's top-2 margin exceeds twice that difference (a flip there would be a real error)."""
+    reference = torch.load(paths[0])
+    top2 = reference.topk(2, dim=-1).values
+    margin = top2[:, 0] - top2[:, 1]
+    out = {}
+    for path in paths[1:]:
+        other = torch.load(path)
+        diff = (other - reference).abs().max().item()
+        same = other.argmax(-1) == reference.argmax(-1)
+        clear = margin > 2 * diff
+        out[path] = {"max_abs_diff": round(diff, 4), "rows": len(same), "top_equal": int(same.sum()),
+                     "clear_rows": int(clear.sum()), "top_equal_in_clear_rows": int(same[clear].sum())}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--model-dir")
     parser.add_argument("--rows", type=int, action="append")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--out")
+    parser.add_argument("--logits", help="save the first decode step's logits here (rank 0)")
+    parser.add_argument("--compare", nargs="+", help="compare saved logits files (no GPU run)")
     args = parser.parse_args()
+    if args.compare:
+        print(json.dumps(compare(args.compare), indent=1))
+        return
     rows_list = args.rows or [1, 64]
     local = int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(local)
@@ -110,6 +138,12 @@ def main() -> None:
     report = {"card": torch.cuda.get_device_name(0), "tp": world, "compiled": engine.runner.compiled is not None,
               "load_s": round(loaded, 1), "engine_build_s": round(built, 1),
               "gpu_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20)}
+    if args.logits:
+        plan = StepPlan(list(range(max(rows_list))), [5] * max(rows_list), [prompt] * max(rows_list), [],
+                        list(range(max(rows_list))))
+        logits = engine.step(plan).cpu()
+        if dist.get_rank() == 0:
+            torch.save(logits, args.logits)
     for rows in rows_list:
         plan = StepPlan(list(range(rows)), [5] * rows, [prompt] * rows, [], list(range(rows)))
         dist.barrier()
