@@ -110,7 +110,7 @@ def install(model: nn.Module, group: dist.ProcessGroup | None = None) -> int:
         device = module.weight.device
         key = (mp_group.group_name, str(device))
         if key not in paths:  # every rank meets its groups in the same (module) order: prepare is collective
-            paths[key] = prepare(mp_group, device) if device.type == "cuda" else "DeepSpeed's CPU all-reduce"
+            paths[key] = prepare(mp_group, device)
     if changed:
         log.info("%d LinearAllreduce modules reduce through tpserve::all_reduce: %s", changed,
                  "; ".join(f"group {name} on {device}: {path}" for (name, device), path in paths.items()))
@@ -119,30 +119,48 @@ def install(model: nn.Module, group: dist.ProcessGroup | None = None) -> int:
 
 def prepare(group: dist.ProcessGroup, device: torch.device, max_bytes: int | None = None) -> str:
     """Set up the one-shot path of `group` on `device`, once; returns which path its all-reduces take.
-    Collective: every rank of `group` calls it, in the same order. Every rank ends up on the same path (the
-    ranks agree over the group before and after the set-up), or one rank's kernel would wait forever."""
+    Collective: every rank of `group` calls it, in the same order."""
     device = torch.device(device)
+    if device.type != "cuda":
+        return f"no one-shot kernel on {device.type}: DeepSpeed's all-reduce where it is set up, else the group's"
     if device.index is None:
         device = torch.device(device.type, torch.cuda.current_device())
     key = (group.group_name, device.index)
-    if key in _STATES:
-        return _PATHS[key]
-    max_bytes = max_bytes or int(os.environ.get("TPSERVE_ALLREDUCE_MAX_BYTES", MAX_BYTES))
-    reason = _unavailable(group, device)
-    state = None
-    if _agree(reason is None, group, device):
-        try:
-            state = OneShot(group, device, max_bytes)
-        except Exception as error:  # noqa: BLE001 - any failure means NCCL, said in the log line
-            reason = f"symmetric memory set-up failed: {type(error).__name__}: {error}"[:300]
-        if not _agree(state is not None, group, device):
-            state, reason = None, reason or "another rank could not set up symmetric memory"
-    else:
-        reason = reason or "another rank cannot use symmetric memory"
-    _STATES[key] = state
-    _PATHS[key] = (f"one-shot over symmetric memory up to {max_bytes // 1024} KiB, NCCL above" if state
-                   else f"NCCL ({reason})")
+    if key not in _STATES:
+        max_bytes = max_bytes or int(os.environ.get("TPSERVE_ALLREDUCE_MAX_BYTES", MAX_BYTES))
+        state, reason = _set_up(group, device, max_bytes)
+        _STATES[key] = state
+        _PATHS[key] = (f"one-shot over symmetric memory up to {max_bytes // 1024} KiB, NCCL above" if state
+                       else f"NCCL ({reason})")
     return _PATHS[key]
+
+
+def release() -> None:
+    """Drop every symmetric buffer (before destroying the process group)."""
+    _STATES.clear()
+    _PATHS.clear()
+
+
+def _set_up(group: dist.ProcessGroup, device: torch.device, max_bytes: int) -> tuple["OneShot | None", str | None]:
+    """The one-shot path, or None and why not. The ranks agree after every step, so that all of them leave on
+    the same path: a rank on the one-shot path whose peer took NCCL would wait for it forever."""
+    reason = _unavailable(group, device)
+    if not _agree(reason is None, group, device):
+        return None, reason or "another rank cannot use symmetric memory"
+    state = None
+    try:
+        state = OneShot(group, device, max_bytes)
+    except Exception as error:  # noqa: BLE001 - any failure means NCCL, said in the log line
+        reason = f"symmetric memory set-up failed: {type(error).__name__}: {error}"[:300]
+    if not _agree(state is not None, group, device):  # also orders every rank's zeroed flags before any signal
+        return None, reason or "another rank could not set up symmetric memory"
+    try:
+        state.check()
+    except Exception as error:  # noqa: BLE001
+        state, reason = None, f"the one-shot kernel's self-test failed: {type(error).__name__}: {error}"[:300]
+    if not _agree(state is not None, group, device):
+        return None, reason or "another rank's one-shot self-test failed"
+    return state, None
 
 
 def release() -> None:
@@ -178,8 +196,18 @@ class OneShot:
         self.slots = [peer[flag_bytes:] for peer in peers]
         self.counters = torch.zeros(GRID, dtype=torch.int32, device=device)
         self._views: dict[torch.dtype, list[torch.Tensor]] = {}
-        self.buffer.zero_()  # flags start at 0 on every rank before any rank signals (prepare agrees after)
+        self.buffer.zero_()  # flags start at 0 on every rank before any rank signals (_set_up agrees after)
         torch.cuda.synchronize(device)
+
+    def check(self) -> None:
+        """Two all-reduces (both slots) of known sums in each dtype: Triton compiles the kernels now rather than
+        at the first step (which may be inside a graph capture), and a kernel that cannot run here fails here."""
+        for dtype in DTYPES:
+            for call in range(2):
+                x = torch.full((4096,), self.rank + 1 + call, dtype=dtype, device=self.counters.device)
+                expected = sum(rank + 1 + call for rank in range(self.world))
+                if not bool((self(x) == expected).all()):
+                    raise RuntimeError(f"wrong sums in {dtype} (call {call})")
 
     def fits(self, x: torch.Tensor) -> bool:
         return x.dtype in DTYPES and x.numel() * x.element_size() <= self.slot_bytes
@@ -248,10 +276,14 @@ def _cpu_all_reduce(out: torch.Tensor, group: dist.ProcessGroup) -> None:
 
 
 def _plain_linear_allreduce(module: nn.Module, base: type) -> bool:
-    """A LinearAllreduce whose forward is the base class's (matmul, all-reduce, bias), reducing over >1 rank."""
-    return (isinstance(module, base) and type(module).forward is base.forward and "forward" not in vars(module)
-            and not getattr(module, "defer_collectives_to_compiler", False) and not module.is_training_mode()
-            and module.mp_group is not None and dist.get_world_size(module.mp_group) > 1)
+    """A LinearAllreduce whose forward is the base class's (matmul, all-reduce, bias), reducing over >1 rank,
+    in inference (older DeepSpeed releases have no training mode and no deferred collectives)."""
+    if not isinstance(module, base) or type(module).forward is not base.forward or "forward" in vars(module):
+        return False
+    training = getattr(module, "is_training_mode", None)
+    if (training is not None and training()) or getattr(module, "defer_collectives_to_compiler", False):
+        return False
+    return module.mp_group is not None and dist.get_world_size(module.mp_group) > 1
 
 
 def _reduced_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:
