@@ -55,7 +55,9 @@ log = logging.getLogger("tpserve.engine.allreduce")
 
 MAX_BYTES = 512 * 1024
 CHUNK_BYTES = 2048  # one block's chunk: 128 threads x 16 bytes (num_warps 4)
-GRID = 128  # blocks per call at most (chunk c goes to block c % GRID): every chunk's block is co-resident
+# blocks per call at most (chunk c goes to block c % GRID); a block waits for the same block of every peer, so
+# all of them should be resident at once: 128 blocks of 128 threads are, on any H100 or H200
+GRID = 128
 MAX_WORLD = 8  # the kernel takes up to eight peers' buffers as separate arguments
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -189,8 +191,12 @@ class OneShot:
                     symm_mem.enable_symm_mem_for_group(group.group_name)
         self.buffer = symm_mem.empty(total, dtype=torch.uint8, device=device)
         self.handle = symm_mem.rendezvous(self.buffer, group.group_name)
-        peers = [self.buffer if rank == self.rank else self.handle.get_buffer(rank, (total,), torch.uint8, 0)
-                 for rank in range(self.world)]
+        # get_buffer counts from the start of the peer's allocation; where the pool placed this tensor further in,
+        # every rank's tensor lies as far in (the allocations are symmetric)
+        offset = self.buffer.data_ptr() - self.handle.get_buffer(self.rank, (1,), torch.uint8, 0).data_ptr()
+        peers = [self.handle.get_buffer(rank, (total,), torch.uint8, offset) for rank in range(self.world)]
+        if peers[self.rank].data_ptr() != self.buffer.data_ptr():
+            raise RuntimeError("the symmetric memory handle does not map this rank's own buffer where it lies")
         self.flags = self.buffer[:flag_bytes].view(torch.int32)
         self.flag_addresses = torch.tensor([peer.data_ptr() for peer in peers], dtype=torch.int64, device=device)
         self.slots = [peer[flag_bytes:] for peer in peers]
