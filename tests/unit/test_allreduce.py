@@ -85,7 +85,6 @@ def _rank(rank: int, port: int) -> None:
 
         explained = torch._dynamo.explain(layer)(shard)
         assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
-        assert torch.equal(torch.compile(layer, backend="eager", dynamic=True)(shard), before)
         assert allreduce.install(layer) == 0  # once is enough: patched modules are not patched again
         # the op's registration as torch checks custom ops: schema, fake against real, autograd, AOT dispatch
         torch.library.opcheck(torch.ops.tpserve.all_reduce.default, (x.t(), layer.o_proj.mp_group.group_name))
