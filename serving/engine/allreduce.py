@@ -165,12 +165,6 @@ def _set_up(group: dist.ProcessGroup, device: torch.device, max_bytes: int) -> t
     return state, None
 
 
-def release() -> None:
-    """Drop every symmetric buffer (before destroying the process group)."""
-    _STATES.clear()
-    _PATHS.clear()
-
-
 class OneShot:
     """The symmetric buffers of one group on one device, and the kernel that reduces through them.
 
