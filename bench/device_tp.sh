@@ -22,4 +22,4 @@ for n in $tps; do
     TPSERVE_ALLREDUCE=nccl run 4 -m bench.tp_step --model-dir $model --out "$out/tp_step_tp4_nccl.json" 2>&1 | grep -v "^\[" | tail -30
   fi
 done
-python3 -m bench.tp_step --compare $(ls -r /tmp/logits_tp*.pt) | tee "$out/logits_compare.json"
+python3 -m bench.tp_step --compare $(ls /tmp/logits_tp*.pt) | tee "$out/logits_compare.json"
