@@ -93,7 +93,7 @@ def forbidden(constraints: list[Constraint], vocab: int, device: torch.device) -
     mask = torch.from_numpy(allowed == 0)
     if mask.shape[1] < vocab:
         mask = torch.nn.functional.pad(mask, (0, vocab - mask.shape[1]), value=True)
-    return mask.to(device)
+    return mask.to(device, non_blocking=True)  # no wait for the queued step (logits.device_tensor)
 
 
 def _grammar_text(request: GenerateRequest) -> tuple[str | None, str]:

@@ -19,6 +19,13 @@ import torch
 from serving.engine.constraints import forbidden
 
 
+def device_tensor(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host list on `device` without waiting for it: torch.tensor(values, device=cuda) is a blocking copy,
+    which waits for every kernel queued before it (the whole step's forward), and the engine samples while the
+    next step is queued (loop.py)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def adjust(scores: torch.Tensor, rows: list) -> None:
     """scores: [len(rows), vocab] float32, changed in place."""
     for index, row in enumerate(rows):
@@ -29,8 +36,8 @@ def adjust(scores: torch.Tensor, rows: list) -> None:
         if params.logit_bias:
             # intake checked the ids against the tokenizer; a token past the model's logits cannot be drawn anyway
             bias = [(t, b) for t, b in params.logit_bias.items() if t < scores.shape[-1]]
-            ids = torch.tensor([t for t, _ in bias], device=scores.device, dtype=torch.long)
-            scores[index, ids] += torch.tensor([b for _, b in bias], device=scores.device, dtype=scores.dtype)
+            ids = device_tensor([t for t, _ in bias], scores.device, torch.long)
+            scores[index, ids] += device_tensor([b for _, b in bias], scores.device, scores.dtype)
     _hold_back(scores, rows)
     constrained = [i for i, row in enumerate(rows) if row.constraint is not None]
     if constrained:
@@ -52,7 +59,8 @@ def held_back(row) -> set[int]:
 
 
 def _penalise(scores: torch.Tensor, index: int, output: list[int], presence: float, frequency: float) -> None:
-    ids, counts = torch.tensor(output, device=scores.device).unique(return_counts=True)
+    ids, counts = torch.tensor(output).unique(return_counts=True)  # on the host: unique on a GPU waits for it
+    ids, counts = ids.to(scores.device, non_blocking=True), counts.to(scores.device, non_blocking=True)
     scores[index, ids] -= frequency * counts.to(scores.dtype) + presence
 
 
@@ -60,5 +68,5 @@ def _hold_back(scores: torch.Tensor, rows: list) -> None:
     """One masked write for every row that holds end tokens back."""
     pairs = [(i, token) for i, row in enumerate(rows) for token in held_back(row) if token < scores.shape[-1]]
     if pairs:
-        at = torch.tensor(pairs, device=scores.device)
+        at = device_tensor(pairs, scores.device)
         scores[at[:, 0], at[:, 1]] = float("-inf")

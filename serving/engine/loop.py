@@ -30,6 +30,7 @@ from serving.engine.fuse import fuse_projections
 from serving.engine.graphs import Buckets, StepGraphs
 from serving.engine.intake import RequestError, parse_request, tokenize, wants_stream
 from serving.engine.kv_cache import SlotCache, bytes_per_token, plan_slots
+from serving.engine.logits import device_tensor
 from serving.engine.plan import Chunk, StepPlan
 from serving.engine.request import Request, Row
 from serving.engine.runner import Feed, ModelRunner
@@ -317,7 +318,7 @@ class EngineLoop:
         if not rows:
             return None
         if len(sampled) < len(kept):
-            logits = logits[sampled]
+            logits = logits[device_tensor(sampled, logits.device)]  # logits[list] would wait for the device
         drawn = queue_draws(logits, [SamplingRow(row.request.params, row.generator, lambda row=row: row.history,
                                                 len(row.sequence.ids), self.engine.eos, row.sequence.constraint)
                                     for row in rows])

@@ -69,7 +69,8 @@ class StepTensors:
                  ints: torch.Tensor | None = None):
         t, s = packed.tokens, packed.seqs
         if longs is None:
-            longs, ints = torch.from_numpy(packed.longs).to(device), torch.from_numpy(packed.ints).to(device)
+            longs = torch.from_numpy(packed.longs).to(device, non_blocking=True)  # no wait for queued steps
+            ints = torch.from_numpy(packed.ints).to(device, non_blocking=True)
         self.longs, self.ints = longs, ints
         self.ids, self.positions, self.write_index = longs[:t][None], longs[t:2 * t][None], longs[2 * t:3 * t]
         self.keep = longs[3 * t:]

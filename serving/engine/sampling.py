@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from serving.engine.logits import adjust
+from serving.engine.logits import adjust, device_tensor
 from serving.schemas import GenerationParameters
 
 
@@ -99,7 +99,7 @@ def _penalise(scores: torch.Tensor, index: int, row: SamplingRow) -> None:
     """The CTRL penalty, as transformers applies it: divide positive scores of seen tokens, multiply negative."""
     history = row.history()
     if history:
-        ids = torch.tensor(sorted(set(history)), device=scores.device)
+        ids = device_tensor(sorted(set(history)), scores.device)
         seen = scores[index, ids]
         penalty = row.params.repetition_penalty
         scores[index, ids] = torch.where(seen < 0, seen * penalty, seen / penalty)
@@ -107,23 +107,23 @@ def _penalise(scores: torch.Tensor, index: int, row: SamplingRow) -> None:
 
 def _warp(scores: torch.Tensor, rows: list[SamplingRow], greedy: list[bool]) -> torch.Tensor:
     """Temperature, top-k and top-p for the sampled rows, vectorised; greedy rows pass through unchanged."""
-    temperature = torch.tensor([1.0 if g else row.params.temperature for row, g in zip(rows, greedy)],
-                               device=scores.device, dtype=scores.dtype)
+    temperature = device_tensor([1.0 if g else row.params.temperature for row, g in zip(rows, greedy)],
+                                scores.device, scores.dtype)
     scores = scores / temperature[:, None]
     top_k = [0 if g else row.params.top_k for row, g in zip(rows, greedy)]
     if any(top_k):
         widest = min(max(top_k), scores.shape[-1])
         kth = torch.topk(scores, widest, dim=-1).values
-        k = torch.tensor([min(k or widest, widest) - 1 for k in top_k], device=scores.device)
+        k = device_tensor([min(k or widest, widest) - 1 for k in top_k], scores.device)
         threshold = kth.gather(1, k[:, None])
-        limited = torch.tensor([bool(k) for k in top_k], device=scores.device)[:, None]
+        limited = device_tensor([bool(k) for k in top_k], scores.device)[:, None]
         scores = torch.where(limited & (scores < threshold), float("-inf"), scores)
     top_p = [1.0 if g else row.params.top_p for row, g in zip(rows, greedy)]
     if any(p < 1.0 for p in top_p):
         # keep the smallest set of most likely tokens whose probability reaches top_p (at least one)
         ordered, order = torch.sort(scores, dim=-1, descending=True)
         cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-        p = torch.tensor(top_p, device=scores.device, dtype=scores.dtype)[:, None]
+        p = device_tensor(top_p, scores.device, scores.dtype)[:, None]
         drop_sorted = (cumulative - ordered.softmax(dim=-1)) >= p
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
@@ -142,8 +142,7 @@ def _typical(scores: torch.Tensor, masses: list[float]) -> torch.Tensor:
     entropy = -torch.nan_to_num(log_p * p).sum(dim=-1, keepdim=True)  # a removed token's -inf * 0 counts 0
     order = torch.argsort((-log_p - entropy).abs(), dim=-1)  # most typical first; removed tokens (inf) last
     in_order = p.gather(1, order)
-    mass = torch.tensor([m if m < 1.0 else float("inf") for m in masses], device=scores.device,
-                        dtype=scores.dtype)[:, None]
+    mass = device_tensor([m if m < 1.0 else float("inf") for m in masses], scores.device, scores.dtype)[:, None]
     drop_sorted = (in_order.cumsum(dim=-1) - in_order) >= mass
     drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
     return scores.masked_fill(drop, float("-inf"))
