@@ -13,12 +13,14 @@ import time
 import torch
 
 import serving.engine.loop as loop
+import serving.engine.sampling as sampling
 from serving.engine.runner import StepTensors
 from serving.engine.scheduler import Scheduler
 from serving.engine.sampling import Drawn
 
 PHASES = [(loop.EngineLoop, "_gather"), (Scheduler, "schedule"), (loop.Engine, "step"), (StepTensors, "fill"),
-          (loop.EngineLoop, "_emit"), (Drawn, "resolve"), (loop.EngineLoop, "_sample"), (loop.EngineLoop, "_step")]
+          (loop.EngineLoop, "_emit"), (Drawn, "resolve"), (loop.EngineLoop, "_sample"), (loop.EngineLoop, "_step"),
+          (Drawn, "__init__"), (loop.Engine, "keep_sampled"), (sampling, "adjust"), (loop, "queue_draws")]
 
 
 def timed_phases() -> dict:

@@ -21,6 +21,7 @@ import numpy
 import torch
 
 from serving.engine.intake import RequestError
+from serving.engine.transfer import to_device
 from serving.schemas import GenerateRequest, NamedToolChoice
 from serving.tools import JSON_STYLE, calls_grammar
 
@@ -93,7 +94,7 @@ def forbidden(constraints: list[Constraint], vocab: int, device: torch.device) -
     mask = torch.from_numpy(allowed == 0)
     if mask.shape[1] < vocab:
         mask = torch.nn.functional.pad(mask, (0, vocab - mask.shape[1]), value=True)
-    return mask.to(device, non_blocking=True)  # no wait for the queued step (logits.device_tensor)
+    return to_device(mask, device)  # no wait for the queued step (transfer.py)
 
 
 def _grammar_text(request: GenerateRequest) -> tuple[str | None, str]:

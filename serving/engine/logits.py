@@ -17,13 +17,7 @@ A row is anything with `params`, `generated` (tokens so far), `history()` (promp
 import torch
 
 from serving.engine.constraints import forbidden
-
-
-def device_tensor(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A small host list on `device` without waiting for it: torch.tensor(values, device=cuda) is a blocking copy,
-    which waits for every kernel queued before it (the whole step's forward), and the engine samples while the
-    next step is queued (loop.py)."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+from serving.engine.transfer import device_tensor, to_device
 
 
 def adjust(scores: torch.Tensor, rows: list) -> None:
@@ -60,7 +54,7 @@ def held_back(row) -> set[int]:
 
 def _penalise(scores: torch.Tensor, index: int, output: list[int], presence: float, frequency: float) -> None:
     ids, counts = torch.tensor(output).unique(return_counts=True)  # on the host: unique on a GPU waits for it
-    ids, counts = ids.to(scores.device, non_blocking=True), counts.to(scores.device, non_blocking=True)
+    ids, counts = to_device(ids, scores.device), to_device(counts, scores.device)
     scores[index, ids] -= frequency * counts.to(scores.dtype) + presence
 
 

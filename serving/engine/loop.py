@@ -30,12 +30,12 @@ from serving.engine.fuse import fuse_projections
 from serving.engine.graphs import Buckets, StepGraphs
 from serving.engine.intake import RequestError, parse_request, tokenize, wants_stream
 from serving.engine.kv_cache import SlotCache, bytes_per_token, plan_slots
-from serving.engine.logits import device_tensor
 from serving.engine.plan import Chunk, StepPlan
 from serving.engine.request import Request, Row
 from serving.engine.runner import Feed, ModelRunner
 from serving.engine.sampling import Draw, Drawn, SamplingRow, queue_draws
 from serving.engine.scheduler import Kept, Scheduler
+from serving.engine.transfer import device_tensor
 from serving.frames import Error, Frame, Request as RequestFrame, Response, Started, Step
 from serving.rank.inputs import Input
 from serving.rank.outputs import Output

@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from serving.engine.attention import STEP_KWARG, Segment, SlotRows, StepBatch, Varlen, flash_available
 from serving.engine.kv_cache import SlotCache
 from serving.engine.plan import StepPlan
+from serving.engine.transfer import device_tensor, to_device
 
 KEY_BLOCK = 64
 BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -69,8 +70,8 @@ class StepTensors:
                  ints: torch.Tensor | None = None):
         t, s = packed.tokens, packed.seqs
         if longs is None:
-            longs = torch.from_numpy(packed.longs).to(device, non_blocking=True)  # no wait for queued steps
-            ints = torch.from_numpy(packed.ints).to(device, non_blocking=True)
+            longs = to_device(torch.from_numpy(packed.longs), device)  # no wait for queued steps (transfer.py)
+            ints = to_device(torch.from_numpy(packed.ints), device)
         self.longs, self.ints = longs, ints
         self.ids, self.positions, self.write_index = longs[:t][None], longs[t:2 * t][None], longs[2 * t:3 * t]
         self.keep = longs[3 * t:]
@@ -80,8 +81,8 @@ class StepTensors:
     def fill(self, packed: Packed | None, feed: "Feed | None" = None) -> None:
         """New contents of the same shape (a captured graph's buffers; None: keep them), then the fed tokens."""
         if packed is not None:
-            self.longs.copy_(torch.from_numpy(packed.longs), non_blocking=True)
-            self.ints.copy_(torch.from_numpy(packed.ints), non_blocking=True)
+            self.longs.copy_(to_device(torch.from_numpy(packed.longs), self.longs.device))  # transfer.py
+            self.ints.copy_(to_device(torch.from_numpy(packed.ints), self.ints.device))
         if feed is not None:
             self.longs[feed.rows] = feed.source[feed.index]  # decode rows are the first packed tokens
 
@@ -101,7 +102,7 @@ class Feed:
         pairs = [(row, index) for row, index in enumerate(plan.fed) if index >= 0]
         if not pairs:
             return None
-        both = torch.tensor(pairs, dtype=torch.long).to(source.device, non_blocking=True)
+        both = device_tensor(pairs, source.device, torch.long)
         return cls(both[:, 0], both[:, 1], source)
 
 

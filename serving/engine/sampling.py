@@ -11,7 +11,8 @@ from typing import Callable
 
 import torch
 
-from serving.engine.logits import adjust, device_tensor
+from serving.engine.logits import adjust
+from serving.engine.transfer import device_tensor
 from serving.schemas import GenerationParameters
 
 
@@ -76,7 +77,9 @@ class Drawn:
         self.tokens = tokens
         self.widths = widths
         parts = [tokens, chosen] + ([top.values, top.indices] if top is not None else [])
-        self._host = [part.to("cpu", non_blocking=True) for part in parts]
+        # into pinned memory, explicitly: a copy to pageable memory would wait for the device
+        self._host = [torch.empty(part.shape, dtype=part.dtype, pin_memory=part.is_cuda).copy_(part, non_blocking=True)
+                      for part in parts]
         self._ready = None
         if tokens.is_cuda:
             self._ready = torch.cuda.Event()
