@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, action="append")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--out")
+    parser.add_argument("--sync-debug", action="store_true", help="report where the loop waits for the GPU")
     args = parser.parse_args()
     from handlers.loading import load_model, load_tokenizer
     from tests.engine import harness
@@ -53,6 +54,17 @@ def main() -> None:
     harness._models[args.model_dir] = (model, load_tokenizer(args.model_dir))
     h = harness.EngineHarness(args.model_dir, max_rolling_batch_size=max(args.rows or [64]), max_model_len=1024)
     times = timed_phases()
+    syncs = collections.Counter()
+    if args.sync_debug:  # torch warns at each synchronizing CUDA call; keep where the engine made it
+        import traceback
+        import warnings
+
+        def record(message, *rest, **kwargs):
+            frames = [f for f in traceback.extract_stack()[:-1] if "/serving/" in f.filename]
+            syncs[" < ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in frames[::-1][:3])] += 1
+        warnings.showwarning = record
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
     report = {"card": torch.cuda.get_device_name(0) if cuda else "cpu"}
     body = {"parameters": {"max_new_tokens": args.tokens, "min_new_tokens": args.tokens}, "stream": True}
     for rows in args.rows or [1, 64]:
@@ -66,6 +78,9 @@ def main() -> None:
         n = args.tokens
         report[f"rows_{rows}"] = {"wall_ms_per_token": round(wall * 1000 / args.tokens, 3),
                                   **{f"{name}_ms": round(t * 1000 / n, 3) for name, t in times.items()}}
+        if args.sync_debug:
+            report[f"rows_{rows}"]["syncs"] = syncs.most_common(6)
+            syncs.clear()
     h.close()
     print(json.dumps(report, indent=1))
     if args.out:

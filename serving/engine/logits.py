@@ -60,7 +60,7 @@ def _penalise(scores: torch.Tensor, index: int, output: list[int], presence: flo
 
 def _hold_back(scores: torch.Tensor, rows: list) -> None:
     """One masked write for every row that holds end tokens back."""
-    pairs = [(i, token) for i, row in enumerate(rows) for token in held_back(row) if token < scores.shape[-1]]
-    if pairs:
-        at = device_tensor(pairs, scores.device)
-        scores[at[:, 0], at[:, 1]] = float("-inf")
+    vocab = scores.shape[-1]
+    flat = [i * vocab + token for i, row in enumerate(rows) for token in held_back(row) if token < vocab]
+    if flat:  # index_fill_ on the flat scores: scores[rows, tokens] = -inf is an index_put_ that waits for the device
+        scores.view(-1).index_fill_(0, device_tensor(flat, scores.device), float("-inf"))
