@@ -11,8 +11,8 @@ fp16, hence this Triton kernel (fp16, bf16 and fp32).
     install(model)                 every AutoTP LinearAllreduce of `model` reduces through tpserve::all_reduce
     torch.ops.tpserve.all_reduce   the op: functional, one opaque kernel to Inductor, capturable in CUDA graphs
 
-The op takes the one-shot kernel on CUDA tensors of at most TPSERVE_ALLREDUCE_MAX_BYTES (default 512 KiB:
-64 rows of hidden 4096 in fp16) and NCCL (`torch.distributed.all_reduce` on a copy) for anything larger
+The op takes the one-shot kernel on CUDA tensors of at most TPSERVE_ALLREDUCE_MAX_BYTES (default 1 MiB:
+128 rows of hidden 4096 in fp16) and NCCL (`torch.distributed.all_reduce` on a copy) for anything larger
 (prefill) or wherever symmetric memory could not be set up. On CPU it reduces as DeepSpeed itself would.
 
 Environment:
@@ -53,7 +53,7 @@ except ImportError:
 
 log = logging.getLogger("tpserve.engine.allreduce")
 
-MAX_BYTES = 512 * 1024
+MAX_BYTES = 1024 * 1024  # 128 rows of hidden 4096 in fp16: one-shot beat NCCL there too (bench.allreduce, H200s)
 CHUNK_BYTES = 2048  # one block's chunk: 128 threads x 16 bytes (num_warps 4)
 # blocks per call at most (chunk c goes to block c % GRID); a block waits for the same block of every peer, so
 # all of them should be resident at once: 128 blocks of 128 threads are, on any H100 or H200
