@@ -18,7 +18,6 @@ section outlives --section-timeout, as a deadlocked barrier would.
 """
 import argparse
 import faulthandler
-import json
 import os
 from datetime import timedelta
 
@@ -26,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bench.output import publish
 from serving.engine import allreduce
 
 HIDDEN = 4096
@@ -60,10 +60,7 @@ def main() -> None:
         report[section] = getattr(bench, section)()
     report["all_ok"] = bench.all_ok
     if dist.get_rank() == 0:
-        print(json.dumps(report, indent=1))
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(report, f, indent=1)
+        publish(report, args.out)
     watchdog.arm("teardown")
     torch.cuda.synchronize()
     allreduce.release()

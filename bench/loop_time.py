@@ -7,11 +7,11 @@ the loop pipelined (loop.py), only reading last step's tokens (`emit`) should wa
 """
 import argparse
 import collections
-import json
 import time
 
 import torch
 
+from bench.output import publish
 import serving.engine.loop as loop
 import serving.engine.sampling as sampling
 from serving.engine.runner import StepTensors
@@ -82,10 +82,7 @@ def main() -> None:
             report[f"rows_{rows}"]["syncs"] = syncs.most_common(6)
             syncs.clear()
     h.close()
-    print(json.dumps(report, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    publish(report, args.out)
 
 
 if __name__ == "__main__":

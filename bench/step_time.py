@@ -7,11 +7,11 @@ and how much of a step is the host's.
     python -m bench.step_time --model-dir M [--rows 1 --rows 64] [--steps 50] [--separate]
 """
 import argparse
-import json
 import time
 
 import torch
 
+from bench.output import publish
 import serving.engine.loop as engine_loop
 from handlers.loading import load_model, load_tokenizer
 from serving.engine.plan import Chunk, StepPlan
@@ -97,10 +97,7 @@ def main() -> None:
         a, b = compiled[n], captured[n]
         report[f"compiled_vs_captured_{n}"] = {"argmax_equal": bool((a.argmax(-1) == b.argmax(-1)).all()),
                                                "max_abs_diff": float((a - b).abs().max())}
-    print(json.dumps(report, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    publish(report, args.out)
 
 
 if __name__ == "__main__":

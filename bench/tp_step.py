@@ -20,6 +20,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from bench.output import publish
 from bench.step_time import per_call_ms
 
 
@@ -156,10 +157,7 @@ def main() -> None:
         report["allreduce_1_row"] = allreduce_in_graph(hidden, 1)
         report["allreduce_64_rows"] = allreduce_in_graph(hidden, 64)
     if dist.get_rank() == 0:
-        print(json.dumps(report, indent=1))
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(report, f, indent=1)
+        publish(report, args.out)
     # NCCL's and torch's teardown of a group that replayed captured collectives hung past the report in every
     # multi-rank run on the H200s (rc 124 after 240 s); the report is written, so leave without it
     os._exit(0)
