@@ -126,12 +126,13 @@ class StepGraphs:
             return None
         if self.graphs:
             graph, inputs, logits = self.graphs[shape]
-            inputs.fill(self._packed(plan, shape), feed)
+            inputs.fill(self._packed(plan, shape))
+            inputs.take(feed)
             graph.replay()
         else:
             padded = pad(plan, shape, self.cache.scratch, self.cache.max_len)
             inputs = StepTensors(self._packed(plan, shape), self.runner.device)
-            inputs.fill(None, feed)
+            inputs.take(feed)
             logits = self.runner.forward(inputs, None if self.runner.varlen else self.runner.slot_rows(padded),
                                          compiled=True)
         return logits[0, :len(plan.keep)].float()

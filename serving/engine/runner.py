@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from serving.engine.attention import STEP_KWARG, Segment, SlotRows, StepBatch, Varlen, flash_available
 from serving.engine.kv_cache import SlotCache
 from serving.engine.plan import StepPlan
-from serving.engine.transfer import device_tensor, to_device
+from serving.engine.transfer import copy_into, device_tensor, to_device
 
 KEY_BLOCK = 64
 BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -78,11 +78,13 @@ class StepTensors:
         self.cu_q, self.k_start, self.k_used = ints[:s + 1], ints[s + 1:2 * s + 2], ints[2 * s + 2:]
         self.max_q = packed.max_q
 
-    def fill(self, packed: Packed | None, feed: "Feed | None" = None) -> None:
-        """New contents of the same shape (a captured graph's buffers; None: keep them), then the fed tokens."""
-        if packed is not None:
-            self.longs.copy_(to_device(torch.from_numpy(packed.longs), self.longs.device))  # transfer.py
-            self.ints.copy_(to_device(torch.from_numpy(packed.ints), self.ints.device))
+    def fill(self, packed: Packed) -> None:
+        """New contents of the same shape (a captured graph's buffers)."""
+        copy_into(self.longs, torch.from_numpy(packed.longs))
+        copy_into(self.ints, torch.from_numpy(packed.ints))
+
+    def take(self, feed: "Feed | None") -> None:
+        """The decode tokens that are on the device, if any."""
         if feed is not None:
             self.longs[feed.rows] = feed.source[feed.index]  # decode rows are the first packed tokens
 
@@ -134,7 +136,7 @@ class ModelRunner:
     def run(self, plan: StepPlan, feed: Feed | None = None) -> torch.Tensor:
         """Logits of the plan's kept positions, [len(plan.keep), vocab] float32."""
         inputs = StepTensors(pack(plan, self.cache.max_len), self.device)
-        inputs.fill(None, feed)
+        inputs.take(feed)
         logits = self.forward(inputs, None if self.varlen else self.slot_rows(plan))
         return logits[0, :len(plan.keep)].float()
 
