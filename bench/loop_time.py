@@ -3,15 +3,23 @@ EngineLoop (through tests/engine/harness.py's relay over a socket pair) over a m
 every step is timed on the host's clock; a phase that waits for the device shows the device's step time. With
 the loop pipelined (loop.py), only reading last step's tokens (`emit`) should wait.
 
-    python -m bench.loop_time --model-dir M [--rows 1 --rows 64] [--tokens 128] [--out F]
+`--mixed N` also runs the serving benchmark's workload in process: 2N requests, N at a time, prompts uniform in
+32-512 tokens, 128 output tokens each, over 128 slots, and reports the GPU time of every step (CUDA events around
+each graph replay) by kind: decode-only steps by rows, steps with prompt tokens by the graph's token bucket, with
+the real and the padded token counts. It tells what the 64-stream throughput is made of.
+
+    python -m bench.loop_time --model-dir M [--rows 1 --rows 64] [--tokens 128] [--mixed 64] [--out F]
 """
 import argparse
 import collections
+import threading
 import time
 
 import torch
 
 from bench.output import publish
+from bench.serve import make_prompts
+from serving.engine.graphs import StepGraphs
 import serving.engine.loop as loop
 import serving.engine.sampling as sampling
 from serving.engine.runner import StepTensors
@@ -45,6 +53,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--out")
     parser.add_argument("--sync-debug", action="store_true", help="report where the loop waits for the GPU")
+    parser.add_argument("--mixed", type=int, help="concurrent requests of the serving workload (e.g. 64)")
     args = parser.parse_args()
     from handlers.loading import load_model, load_tokenizer
     from tests.engine import harness
@@ -52,7 +61,8 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     model = load_model(args.model_dir, torch.float16 if cuda else torch.float32).to("cuda" if cuda else "cpu")
     harness._models[args.model_dir] = (model, load_tokenizer(args.model_dir))
-    h = harness.EngineHarness(args.model_dir, max_rolling_batch_size=max(args.rows or [64]), max_model_len=1024)
+    slots = max(args.rows or [64]) if not args.mixed else max(128, *(args.rows or [1]))
+    h = harness.EngineHarness(args.model_dir, max_rolling_batch_size=slots, max_model_len=1024)
     times = timed_phases()
     syncs = collections.Counter()
     if args.sync_debug:  # torch warns at each synchronizing CUDA call; keep where the engine made it
@@ -81,8 +91,62 @@ def main() -> None:
         if args.sync_debug:
             report[f"rows_{rows}"]["syncs"] = syncs.most_common(6)
             syncs.clear()
+    if args.mixed:
+        report[f"mixed_{args.mixed}"] = mixed(h, args.model_dir, args.mixed, args.tokens)
     h.close()
     publish(report, args.out)
+
+
+def mixed(h, model_dir: str, concurrency: int, output_len: int) -> dict:
+    """The serving workload in process: GPU time per step kind, and output tokens per second."""
+    steps = []  # (kind, real tokens, padded tokens, start event, end event)
+    real_run = StepGraphs.run
+
+    def timed_run(self, plan, feed=None):
+        shape = self.buckets.pick(plan)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = real_run(self, plan, feed)
+        end.record()
+        kind = "eager" if shape is None else (f"prefill {shape.tokens}" if shape.prefill else f"decode {shape.seqs}")
+        steps.append((kind, plan.n_tokens, shape.tokens if shape else plan.n_tokens, start, end))
+        return out
+    StepGraphs.run = timed_run
+    prompts = make_prompts(model_dir, 2 * concurrency, "32:512", seed=0)
+    body = {"parameters": {"max_new_tokens": output_len, "min_new_tokens": output_len}, "stream": True}
+    queue = list(prompts)
+    lock = threading.Lock()
+
+    def client():
+        while True:
+            with lock:
+                if not queue:
+                    return
+                text, _ = queue.pop()
+            h.wait(h.submit({**body, "inputs": text}), timeout=600)
+    started = time.perf_counter()
+    clients = [threading.Thread(target=client) for _ in range(concurrency)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join()
+    wall = time.perf_counter() - started
+    StepGraphs.run = real_run
+    torch.cuda.synchronize()
+    kinds: dict = collections.defaultdict(lambda: {"steps": 0, "gpu_ms": 0.0, "tokens": 0, "padded_tokens": 0})
+    for kind, tokens, padded, start, end in steps:
+        entry = kinds[kind.split()[0] if kind.startswith("decode") and int(kind.split()[1]) < concurrency // 2
+                      else kind]
+        entry["steps"] += 1
+        entry["gpu_ms"] += start.elapsed_time(end)
+        entry["tokens"] += tokens
+        entry["padded_tokens"] += padded
+    gpu_ms = sum(e["gpu_ms"] for e in kinds.values())
+    return {"requests": len(prompts), "prompt_tokens": sum(n for _, n in prompts), "output_tokens_per_s":
+            round(len(prompts) * output_len / wall, 1), "wall_s": round(wall, 2), "gpu_busy_share": round(
+            gpu_ms / 1000 / wall, 3), "steps": len(steps), "by_kind": {
+            kind: {**e, "gpu_ms": round(e["gpu_ms"], 1), "ms_per_step": round(e["gpu_ms"] / e["steps"], 2)}
+            for kind, e in sorted(kinds.items(), key=lambda kv: -kv[1]["gpu_ms"])}}
 
 
 if __name__ == "__main__":

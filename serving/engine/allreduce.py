@@ -45,6 +45,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from serving.engine import gemv
+
 try:  # CPU builds of torch come without Triton; the op then takes the NCCL/gloo path
     import triton
     import triton.language as tl
@@ -287,8 +289,9 @@ def _plain_linear_allreduce(module: nn.Module, base: type) -> bool:
 
 
 def _reduced_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:
-    """LinearAllreduce.forward with tpserve::all_reduce for DeepSpeed's RowParallel step."""
-    output = torch.matmul(input, self.weight.transpose(-1, -2))
+    """LinearAllreduce.forward with tpserve::all_reduce for DeepSpeed's RowParallel step (and the streaming
+    kernels for few rows, gemv.py)."""
+    output = gemv.linear(input, self.weight)
     output = torch.ops.tpserve.all_reduce(output, self._tpserve_group_name)
     if self.bias is not None:
         output = output + self.bias

@@ -14,8 +14,9 @@ of the rank's shard: its ColumnParallel step is an identity outside autograd). A
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from serving.engine import gemv
 
 log = logging.getLogger("tpserve.engine.fuse")
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -38,7 +39,7 @@ class FusedLinear(nn.Module):
     def part(self, index: int, x: torch.Tensor) -> torch.Tensor:
         if x is not self._input:
             self._input, self._taken = x, 0
-            self._outputs = F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+            self._outputs = gemv.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
         out = self._outputs[index]
         self._taken += 1
         if self._taken == len(self.sizes):  # every part has its columns: hold nothing until the next input
