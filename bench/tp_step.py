@@ -42,10 +42,15 @@ def kernel_table(graph: torch.cuda.CUDAGraph, replays: int) -> dict:
         if us <= 0:
             continue
         name = event.key
-        family = ("all-reduce (nccl)" if "nccl" in name.lower() else "gemm/gemv" if any(
-            k in name.lower() for k in ("gemm", "gemv", "cutlass", "sm90_xmma", "splitk")) else
-            "attention (flash)" if "flash" in name.lower() else "triton (fused)" if "triton" in name.lower()
-            else name[:60])
+        lower = name.lower()
+        family = ("all-reduce (nccl)" if "nccl" in lower else "all-reduce (one-shot)" if "one_shot" in lower
+                  else "attention (flash)" if "flash" in lower
+                  else "attention (decode kernel)" if "_decode_piece" in name or "_combine" in name
+                  else "gemv (tpserve)" if "_gemv_" in name
+                  else "gemm/gemv (cuBLAS)" if any(k in lower for k in ("gemm", "gemv", "cutlass", "sm90_xmma", "splitk",
+                                                                         "nvjet"))
+                  else "kv write (index_copy)" if "index_elementwise" in lower
+                  else "triton (fused)" if "triton" in lower else name[:60])
         families[family] = families.get(family, 0.0) + us
     return {name: round(us, 1) for name, us in sorted(families.items(), key=lambda kv: -kv[1])[:16]}
 

@@ -12,8 +12,10 @@ Two ways to attend, the same result:
   (`seqused_k`), so every row reads only its own keys. The kernel's causal mask is aligned to the end of
   the keys, which is exactly a chunk that continues a prompt. Everything it reads is a device tensor, so a
   step can be captured in a CUDA graph and replayed with new contents (graphs.py). The cache write and the
-  kernel are one custom operator (`tpserve::varlen_attention`), which the compiler keeps whole. On a CPU
-  the operator attends one sequence at a time (tests of the compiled path).
+  kernel are one custom operator (`tpserve::varlen_attention`), which the compiler keeps whole. Steps of
+  decode rows only take decode_attention.py's kernel instead (keys split into pieces, the cache write inside):
+  flash's kernel reads one sequence's keys in one block, slow for one query row. On a CPU the operator attends
+  one sequence at a time (tests of the compiled path).
 - `sdpa`: elsewhere (CPUs, and GPUs whose torch lacks the kernel's per-sequence key counts): the decode rows
   together in one SDPA call, masked to each row's length, then each prefill chunk on its own.
 
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from serving.engine import decode_attention
 from serving.engine.kv_cache import SlotCache
 
 NAME = "tpserve_slots"
@@ -118,7 +121,10 @@ def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     query [T, heads, d], key and value [T, kv_heads, d], kv [2, slots + 1, max_len, kv_heads, d]; [T, heads, d].
 
     One opaque operator, declared to mutate `kv`, so the compiler (runner.compile) neither traces into it nor
-    copies the cache around it: the write happens in place, in the order the layer runs."""
+    copies the cache around it: the write happens in place, in the order the layer runs. A decode-only step (one
+    query token per sequence) takes the split-keys kernel of decode_attention.py, which also does the write."""
+    if max_q == 1 and decode_attention.serves(query):
+        return decode_attention.attend(query, key, value, kv, write_index, cu_q, k_start, k_used, scale)
     table = kv.view(2, -1, *kv.shape[3:])
     table[0].index_copy_(0, write_index, key)
     table[1].index_copy_(0, write_index, value)

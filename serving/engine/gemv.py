@@ -65,10 +65,14 @@ class Config:
 
 
 def pick(rows: int, n: int, k: int) -> Config:
-    """The launch shape for `rows` rows of an n x k weight."""
+    """The launch shape for `rows` rows of an n x k weight. From bench.gemv's sweep on an H200 (report
+    bench/reports/2026-11-26-h200-gemv-sweep-5e4701c.json), over the Llama-2-7B projections at TP 1, 2 and 4:
+    one row streams best in tiles four weight rows high and 1024 (or 512) columns wide, four warps, no software
+    pipelining (it was within 1-3% of the best launch shape of every projection); a few rows in 64 x 128 tiles,
+    five stages deep (at or above cuBLAS on every projection)."""
     if rows == 1:
-        return Config("row", block_n=16 if n < 8192 else 32, block_k=512, warps=4, stages=2)
-    return Config("dot", block_n=32, block_k=256, warps=4, stages=3, block_m=max(16, triton.next_power_of_2(rows)))
+        return Config("row", block_n=4, block_k=1024 if k % 1024 == 0 else 512, warps=4, stages=1)
+    return Config("dot", block_n=64, block_k=128, warps=4, stages=5, block_m=max(16, triton.next_power_of_2(rows)))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

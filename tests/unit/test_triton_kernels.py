@@ -1,6 +1,6 @@
 """serving/engine/gemv.py: the streaming projection kernels and where they are installed. On this CPU the kernels
 run under Triton's interpreter, in a subprocess with the interpreter's own Triton on its path
-(tests/fixtures/gemv_interpreted.py); on GPUs bench/gemv.py checks and times them against cuBLAS."""
+(tests/fixtures/triton_interpreted.py); on GPUs bench/gemv.py checks and times them against cuBLAS."""
 import os
 import subprocess
 import sys
@@ -20,7 +20,7 @@ INTERPRETER = ROOT / ".venv" / "triton-interpreter"
 def test_the_kernels_give_what_f_linear_gives_under_tritons_interpreter():
     assert INTERPRETER.is_dir(), f"{INTERPRETER} is missing: `make install` puts Triton's interpreter there"
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{INTERPRETER}{os.pathsep}{ROOT}"}
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "fixtures" / "gemv_interpreted.py")], env=env,
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "fixtures" / "triton_interpreted.py")], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.rstrip().endswith("ok"), done.stdout[-3000:] + done.stderr[-3000:]
 
