@@ -64,6 +64,9 @@ def main(argv=None) -> None:
     parser.add_argument("--baselines", action="store_true", help="also run the in-process transformers baselines")
     parser.add_argument("--probe", action="append", default=[], help="PROMPT:OUTPUT tokens, one request at a time")
     parser.add_argument("--eager", action="store_true", help="also serve with option.enable_cuda_graph=false")
+    parser.add_argument("--restart", action="store_true",
+                        help="after each TP's run, time a second start (compile caches warm) and a plain start "
+                             "(option.enable_cuda_graph=false) of the same model")
     parser.add_argument("--only-baselines", action="store_true", help="run the baselines and no server")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the JSON report here")
@@ -109,7 +112,9 @@ def main(argv=None) -> None:
             if "error" in server:
                 print(f"{name}: {server['error']}")
             else:
-                print(f"{name}: ready in {server['ready_s']:.1f} s, GPU memory {server['gpu_memory_mib']} MiB")
+                print(f"{name}: ready in {server['ready_s']:.1f} s, GPU memory {server['gpu_memory_mib']} MiB"
+                      + (f"; second start {server['second_start_ready_s']:.1f} s, plain start "
+                         f"{server['plain_start_ready_s']:.1f} s" if "second_start_ready_s" in server else ""))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))
@@ -129,6 +134,12 @@ def measure_server(args, tp: int, path: str, eager: bool, levels, workloads, pro
         for c in [] if eager else levels:
             rows.append(measure(url, path, tp, c, workloads[c], args, hw, report["model"]))
             print(json.dumps(rows[-1]), flush=True)
+    if args.restart and not eager:  # startup targets: a second start, and the plain load it is held against
+        starts = report["servers"][f"{path} TP={tp}"]
+        for key, extra in (("second_start", []), ("plain_start", ["option.enable_cuda_graph=false"])):
+            with served(args.model_dir, tp, args, extra) as (_, server):
+                starts[f"{key}_ready_s"] = server["ready_s"]
+                starts[f"{key}_log"] = server["startup_log"]
 
 
 def requests_for(concurrency: int, requested: int | None) -> int:

@@ -5,8 +5,8 @@ Flash attention's variable-length kernel gives every (sequence, head) one block 
 keys alone: for one query row per sequence that is one block reading all of its keys in a row, and in a 64-row
 step at ~340 tokens of context the step's attention ran at a fraction of the memory's speed (bench.loop_time
 --mixed: 10.4 ms per 64-row decode step against a 5.9 ms floor of weights and keys). Here each (sequence, head)
-reads its keys in SPLIT-token pieces, one program each, when the step has few sequences (one row: up to 8
-pieces), then a second small kernel combines the pieces' softmax sums (the "flash decoding" scheme); a step of
+reads its keys in pieces, one program each, when the step has few sequences (one row of a 1,024-token cache:
+16 pieces of 64 keys), then a second small kernel combines the pieces' softmax sums (the "flash decoding" scheme); a step of
 many sequences has programs enough with one piece each, and writes its output directly.
 
 The step's new keys and values come in as tensors, not from the cache: the piece that holds a sequence's newest
@@ -30,7 +30,7 @@ except ImportError:
     triton = None
 
 BLOCK = 64  # keys per loop iteration of a program
-TARGET_PROGRAMS = 1024  # split the keys until a step has about this many programs (or pieces of 2 x BLOCK keys)
+TARGET_PROGRAMS = 1024  # split the keys until a step has about this many programs (or pieces of BLOCK keys)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -43,8 +43,8 @@ def serves(query: torch.Tensor) -> bool:
 
 def pieces(seqs: int, heads: int, max_len: int) -> int:
     """How many pieces each sequence's keys are split into: enough programs to fill the GPU, none shorter than
-    2 x BLOCK keys. Depends on shapes only, so a captured graph keeps it."""
-    return max(1, min(TARGET_PROGRAMS // (seqs * heads), triton.cdiv(max_len, 2 * BLOCK)))
+    BLOCK keys. Depends on shapes only, so a captured graph keeps it."""
+    return max(1, min(TARGET_PROGRAMS // (seqs * heads), triton.cdiv(max_len, BLOCK)))
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv: torch.Tensor, write_index: torch.Tensor,
@@ -101,13 +101,13 @@ if triton is not None:
             offsets = first + tl.arange(0, BLOCK)
             inside = offsets < end
             rows = (base + offsets)[:, None] * stride_row + kv_head * stride_head + d[None, :]
-            k = tl.load(keys + rows, mask=inside[:, None], other=0.0).to(tl.float32)
-            scores = tl.where(inside, tl.sum(k * qv[None, :], axis=1), float("-inf"))
+            k = tl.load(keys + rows, mask=inside[:, None], other=0.0)
+            v = tl.load(values + rows, mask=inside[:, None], other=0.0)  # in flight with k: the memory is the cost
+            scores = tl.where(inside, tl.sum(k.to(tl.float32) * qv[None, :], axis=1), float("-inf"))
             new_best = tl.maximum(best, tl.max(scores, axis=0))
             weights = tl.exp(scores - new_best)
             rescale = tl.exp(best - new_best)
-            v = tl.load(values + rows, mask=inside[:, None], other=0.0).to(tl.float32)
-            acc = acc * rescale + tl.sum(weights[:, None] * v, axis=0)
+            acc = acc * rescale + tl.sum(weights[:, None] * v.to(tl.float32), axis=0)
             total = total * rescale + tl.sum(weights, axis=0)
             best = new_best
         if (newest >= start) & (newest < start + span):  # this piece holds the new token
