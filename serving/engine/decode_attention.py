@@ -6,7 +6,7 @@ keys alone: for one query row per sequence that is one block reading all of its 
 step at ~340 tokens of context the step's attention ran at a fraction of the memory's speed (bench.loop_time
 --mixed: 10.4 ms per 64-row decode step against a 5.9 ms floor of weights and keys). Here each (sequence, head)
 reads its keys in pieces, one program each, when the step has few sequences (one row of a 1,024-token cache:
-16 pieces of 64 keys), then a second small kernel combines the pieces' softmax sums (the "flash decoding" scheme); a step of
+32 pieces of 32 keys), then a second small kernel combines the pieces' softmax sums (the "flash decoding" scheme); a step of
 many sequences has programs enough with one piece each, and writes its output directly.
 
 The step's new keys and values come in as tensors, not from the cache: the piece that holds a sequence's newest
@@ -29,9 +29,12 @@ try:  # CPU builds of torch come without Triton: decode steps take the reference
 except ImportError:
     triton = None
 
-BLOCK = 64  # keys per loop iteration of a program
-WARPS = 4
-TARGET_PROGRAMS = 1024  # split the keys until a step has about this many programs (or pieces of BLOCK keys)
+# From bench.attention on an H200 (report bench/reports/2026-11-26-h200-decode-attention-dee1796.json), Llama-2-7B
+# heads, the serving workload's key counts: 32 keys a block, two warps, ~4096 programs was the fastest launch shape
+# at 1, 16 and 64 rows (5.8 / 36.6 / 111 us a layer against flash's 13.7 / 66.8 / 177 us with its cache write)
+BLOCK = 32  # keys per loop iteration of a program
+WARPS = 2
+TARGET_PROGRAMS = 4096  # split the keys until a step has about this many programs (or pieces of BLOCK keys)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
