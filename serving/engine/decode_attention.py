@@ -5,9 +5,10 @@ Flash attention's variable-length kernel gives every (sequence, head) one block 
 keys alone: for one query row per sequence that is one block reading all of its keys in a row, and in a 64-row
 step at ~340 tokens of context the step's attention ran at a fraction of the memory's speed (bench.loop_time
 --mixed: 10.4 ms per 64-row decode step against a 5.9 ms floor of weights and keys). Here each (sequence, head)
-reads its keys in pieces, one program each, when the step has few sequences (one row of a 1,024-token cache:
-32 pieces of 32 keys), then a second small kernel combines the pieces' softmax sums (the "flash decoding" scheme); a step of
-many sequences has programs enough with one piece each, and writes its output directly.
+reads its keys in pieces, one program each: its keys split evenly over a number of pieces fixed by the step's
+shape (many for a step of one row, two for 64 rows of 32 heads), then a second small kernel combines the
+pieces' softmax sums (the "flash decoding" scheme). A step of many sequences has programs enough with one piece
+each, and writes its output directly.
 
 The step's new keys and values come in as tensors, not from the cache: the piece that holds a sequence's newest
 position takes them from there and writes them into the cache (the first query head of each KV head does), so
@@ -65,7 +66,6 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv: torc
         return out
     scale = 1 / math.sqrt(dim) if scale is None else scale
     splits = pieces(seqs, heads, kv.shape[2])
-    span = triton.cdiv(triton.cdiv(kv.shape[2], splits), BLOCK) * BLOCK
     if splits > 1:
         part_max = torch.empty(seqs, heads, splits, dtype=torch.float32, device=query.device)
         part_sum = torch.empty_like(part_max)
@@ -75,7 +75,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv: torc
     _decode_piece[(seqs, heads, splits)](
         query, key, value, table[0], table[1], write_index, cu_q, k_start, k_used, out, part_max, part_sum, part_acc,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        table.stride(1), table.stride(2), out.stride(0), out.stride(1), scale, span,
+        table.stride(1), table.stride(2), out.stride(0), out.stride(1), scale,
         GROUP=heads // kv_heads, D=dim, BLOCK=BLOCK, SPLITS=splits, num_warps=WARPS)
     if splits > 1:
         _combine[(seqs, heads)](part_max, part_sum, part_acc, cu_q, out, out.stride(0), out.stride(1),
@@ -87,7 +87,7 @@ if triton is not None:
     @triton.jit
     def _decode_piece(q, k_new, v_new, keys, values, write_index, cu_q, k_start, k_used, out, part_max, part_sum,
                       part_acc, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_row,
-                      stride_head, stride_ot, stride_oh, scale, span, GROUP: tl.constexpr, D: tl.constexpr,
+                      stride_head, stride_ot, stride_oh, scale, GROUP: tl.constexpr, D: tl.constexpr,
                       BLOCK: tl.constexpr, SPLITS: tl.constexpr):
         seq, head, piece = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         kv_head = head // GROUP
@@ -96,6 +96,8 @@ if triton is not None:
         newest = tl.load(k_used + seq) - 1  # the new token's position: positions before it are in the cache
         d = tl.arange(0, D)
         qv = tl.load(q + token * stride_qt + head * stride_qh + d).to(tl.float32) * scale
+        # this sequence's keys split evenly over the pieces (whole blocks), whatever the cache's length
+        span = tl.cdiv(tl.cdiv(newest + 1, SPLITS), BLOCK) * BLOCK
         start = piece * span
         end = tl.minimum(start + span, newest)
         best = tl.full([], float("-inf"), tl.float32)
