@@ -30,10 +30,11 @@ try:  # CPU builds of torch come without Triton: decode steps take the reference
 except ImportError:
     triton = None
 
-# From bench.attention on an H200 (report bench/reports/2026-11-26-h200-decode-attention-dee1796.json), Llama-2-7B
-# heads, the serving workload's key counts: 32 keys a block, two warps, ~4096 programs was the fastest launch shape
-# at 1, 16 and 64 rows (5.8 / 36.6 / 111 us a layer against flash's 13.7 / 66.8 / 177 us with its cache write)
-BLOCK = 32  # keys per loop iteration of a program
+# From bench.attention on an H200 (report bench/reports/2026-11-26-h200-decode-attention-e2ff3e6.json), Llama-2-7B
+# heads, the serving workload's key counts: 64 keys a block, two warps, ~4096 programs was the fastest launch shape
+# at 16 and 64 rows and within 4% of it at one row (5.9 / 35 / 100 us a layer against flash's 13.8 / 67 / 179 us
+# with its cache write)
+BLOCK = 64  # keys per loop iteration of a program
 WARPS = 2
 TARGET_PROGRAMS = 4096  # split the keys until a step has about this many programs (or pieces of BLOCK keys)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

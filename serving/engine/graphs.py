@@ -29,8 +29,10 @@ from serving.engine.runner import Feed, ModelRunner, Packed, StepTensors, pack
 log = logging.getLogger("tpserve.engine.graphs")
 DECODE_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 # prompt-step buckets: steps of 1-4k tokens are compute-bound, so every padded token costs its full share; over
-# 512 the buckets are 1.5x apart rather than 2x (the 64-stream workload padded 15% of its prompt tokens with 2x)
-PREFILL_TOKENS = (32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
+# 256 the buckets are at most 1.5x apart, and mostly 1.25x (2x apart, the 64-stream workload padded 15% of its prompt
+# tokens; 1.5x apart, 9%)
+PREFILL_TOKENS = (32, 64, 128, 256, 384, 512, 640, 768, 1024, 1280, 1536, 2048, 2560, 3072, 3584, 4096, 5120, 6144,
+                  8192)
 
 
 @dataclass(frozen=True)
