@@ -6,9 +6,11 @@ leaves at once. Rank 0 schedules and samples; every rank runs the same forward o
     plan.py        the step's plan: the small fixed-layout message rank 0 broadcasts
     kv_cache.py    the slot cache: K and V of every row, allocated once from a budget
     attention.py   attention over the slot cache, registered with transformers' attention interface
+    decode_attention.py  decode-only steps: a split-keys Triton kernel that also writes the step's K/V (CUDA)
     runner.py      one forward of the model for a plan (every rank)
     graphs.py      CUDA graphs of the step, one per bucket of rows or prompt tokens (every rank)
     allreduce.py   TP > 1: the row-parallel layers' all-reduce, one-shot over symmetric memory (every rank)
+    gemv.py        projections of up to 16 rows: Triton kernels that stream the weights (CUDA, every rank)
     sampling.py    each row's next token with its own parameters and generator (rank 0)
     detokenize.py  incremental text and stop sequences (rank 0)
     formats.py     stream events and answers in LMI's or TGI's shape (rank 0; the one-at-a-time path too)
