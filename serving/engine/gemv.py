@@ -19,7 +19,9 @@ Blocks split N only, never K, so no partial sums are combined across blocks (no 
                            F.linear otherwise
     torch.ops.tpserve.linear  the op: one opaque kernel to Inductor, capturable in CUDA graphs
 
-Installed only on CUDA devices with Triton, for fp16 and bf16 weights, after a self-check against F.linear.
+Installed only on CUDA devices with Triton, for fp16 and bf16 weights, after a self-check against F.linear, and
+only where the engine captures its steps in CUDA graphs (launched one by one from Python, cuBLAS's kernels start
+sooner).
 Environment:
     TPSERVE_GEMV=cublas          never install: every projection through F.linear (A/B benchmarks)
     TPSERVE_GEMV_MAX_ROWS=N      the most rows the kernels take (default 16; prefill and larger batches, which

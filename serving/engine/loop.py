@@ -92,7 +92,6 @@ class Engine:
         use_slot_attention(model)
         fuse_projections(model)  # before the KV budget is measured: fusing moves weights
         allreduce.install(model)  # TP > 1: the row-parallel all-reduces take the one-shot kernel (collective)
-        gemv.install(model)  # projections of a few rows stream the weights (CUDA)
         self.max_len = model_max_len(model.config, self.settings.max_model_len)
         budget = self._budget_tokens(model, world_size)
         self.cache = SlotCache(_agreed(plan_slots(self.settings.max_rows, self.max_len, budget), world_size,
@@ -131,6 +130,9 @@ class Engine:
             log.warning("steps run eagerly: CUDA graphs need flash attention's variable-length kernel with "
                         "per-sequence key counts (fp16 or bf16, and a torch that has it)")
             return None
+        # projections of a few rows stream the weights (Triton): a win where the step is replayed, not where each
+        # kernel is launched from Python (cuBLAS launches cheaper), so only with graphs
+        gemv.install(self.runner.model)
         buckets = Buckets(self.cache.slots, self.settings.prefill_tokens, self.max_len)
         reserved = torch.cuda.memory_reserved(self.device)
         if self.settings.torch_compile:
