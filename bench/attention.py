@@ -12,26 +12,15 @@ import random
 import torch
 
 from bench.output import publish
+from bench.step_time import captured_us
 from serving.engine import decode_attention
 
 HEADS, DIM, LAYERS = 32, 128, 32
 
 
 def time_us(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(LAYERS):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (5 * LAYERS)
+    """Microseconds per call of `fn`, one call per layer in one graph."""
+    return captured_us([fn] * LAYERS)
 
 
 def case(rows: int, max_len: int, lengths: list[int]) -> dict:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.output import publish
+from bench.step_time import captured_us
 from serving.engine import gemv
 from serving.engine.gemv import Config
 
@@ -45,24 +46,7 @@ def candidates(rows: int) -> list[Config]:
 
 def time_us(fn, weights: list[torch.Tensor]) -> float:
     """Microseconds per product, `fn(weight)` over every copy, twice, in one graph."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for weight in weights[:2]:
-            fn(weight)  # compile and warm up outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for weight in weights * 2:
-            fn(weight)
-    for _ in range(2):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(REPLAYS):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (REPLAYS * 2 * len(weights))
+    return captured_us([lambda w=w: fn(w) for w in weights * 2], REPLAYS)
 
 
 def measure(n: int, k: int, rows: int, sweep: bool, dtype: torch.dtype) -> dict:
