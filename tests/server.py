@@ -12,6 +12,10 @@ import psutil
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+# How long a test model may take to load (option.model_loading_timeout, through its environment variable). Loads
+# take 10-70 s here, but the CI box is 2 shared cores: one CI run saw a TP=4 load pass the server's default 240 s
+# while other models' ranks loaded beside it. A test that means to time a load out passes its own in `env`.
+LOAD_TIMEOUT_S = 900
 
 
 def free_port() -> int:
@@ -27,7 +31,8 @@ class Server:
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen([sys.executable, "-m", "serving.cli", *args, "--port", str(self.port)],
                                         cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **(env or {})})
+                                        env={"OPTION_MODEL_LOADING_TIMEOUT": str(LOAD_TIMEOUT_S), **os.environ,
+                                             **(env or {})})
         self.started = time.monotonic()
 
     def url(self, path: str) -> str:
@@ -45,7 +50,7 @@ class Server:
     def delete(self, path: str, **kwargs) -> requests.Response:
         return requests.delete(self.url(path), timeout=kwargs.pop("timeout", 120), **kwargs)
 
-    def wait_for_models(self, timeout: float = 300) -> dict[str, dict]:
+    def wait_for_models(self, timeout: float = LOAD_TIMEOUT_S + 60) -> dict[str, dict]:
         """Until every model has left LOADING (READY or FAILED); returns their summaries by name."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -68,7 +68,7 @@ def mapped(value: str, places: dict[str, str]) -> str:
     return value
 
 
-def wait_until_ready(url: str, process: subprocess.Popen, log_path, timeout: float = 240) -> None:
+def wait_until_ready(url: str, process: subprocess.Popen, log_path, timeout: float = 600) -> None:
     """Until /ping is 200 (every model ready); fails at once if the server exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
