@@ -89,9 +89,7 @@ def server(tmp_path_factory, demo_model, tiny_llama):
     srv = Server(["--model-store", str(store), "-m", f"smollm2={ROOT / 'model_store' / 'smollm2'}"],
                  tmp_path_factory.mktemp("logs") / "server.log")
     try:
-        models = srv.wait_for_models()
-        failed = {name: model["error"] for name, model in models.items() if model["state"] != "READY"}
-        assert not failed, f"models failed to load: {failed}\n{srv.log_tail()}"
+        srv.wait_for_ready_models()
         yield srv
     finally:
         srv.stop()

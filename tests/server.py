@@ -65,6 +65,13 @@ class Server:
             time.sleep(0.25)
         raise TimeoutError(f"models still loading after {timeout} s:\n{self.log_tail()}")
 
+    def wait_for_ready_models(self) -> dict[str, dict]:
+        """wait_for_models, failing unless every model is READY, with each failed model's error and the log."""
+        models = self.wait_for_models()
+        failed = {name: model["error"] for name, model in models.items() if model["state"] != "READY"}
+        assert not failed, f"models failed to load: {failed}\n{self.log_tail()}"
+        return models
+
     def descendants(self) -> list[psutil.Process]:
         try:
             return psutil.Process(self.process.pid).children(recursive=True)

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from tests.dockerfile import runtime
-from tests.server import ROOT, free_port
+from tests.server import LOAD_TIMEOUT_S, ROOT, free_port
 
 IMAGE = runtime(ROOT / "Dockerfile.cpu")
 # The host environment a container does not inherit, but this machine's numerical libraries may need.
@@ -40,6 +40,7 @@ def test_the_images_command_serves_the_demo_and_answers_the_articles_curl(tmp_pa
     env.update({name: mapped(value, places) for name, value in IMAGE.env.items()})
     env["PATH"] = mapped(IMAGE.env["PATH"].split(":")[0], places) + os.pathsep + os.environ["PATH"]
     env["PYTHONPATH"] = str(ROOT)
+    env["OPTION_MODEL_LOADING_TIMEOUT"] = str(LOAD_TIMEOUT_S)  # as every test server (tests/server.py)
     assert shutil.which(argv[0], path=env["PATH"]), f"{argv[0]} is not on the image's PATH here"
 
     log = open(tmp_path / "container.log", "wb")
@@ -68,7 +69,7 @@ def mapped(value: str, places: dict[str, str]) -> str:
     return value
 
 
-def wait_until_ready(url: str, process: subprocess.Popen, log_path, timeout: float = 600) -> None:
+def wait_until_ready(url: str, process: subprocess.Popen, log_path, timeout: float = LOAD_TIMEOUT_S + 60) -> None:
     """Until /ping is 200 (every model ready); fails at once if the server exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

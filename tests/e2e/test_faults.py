@@ -102,8 +102,7 @@ def fault_server(tmp_path_factory):
     model_dir(store, "crashy", {"engine": "Python", "retry_threshold": "1"}, handler=FIXTURES / "stall.py")
     srv = Server(["--model-store", str(store), "--idle-timeout", "2"], tmp_path_factory.mktemp("logs") / "fault.log")
     try:
-        models = srv.wait_for_models()
-        assert all(m["state"] == "READY" for m in models.values()), srv.log_tail()
+        srv.wait_for_ready_models()
         yield srv
     finally:
         srv.stop()

@@ -31,9 +31,7 @@ def degrees_server(tmp_path_factory, llama8, demo_model):
                                      "option.max_model_len": "256"})
     server = Server(["--model-store", str(store)], tmp_path_factory.mktemp("tp-logs") / "server.log")
     try:
-        models = server.wait_for_models()
-        failed = {name: model["error"] for name, model in models.items() if model["state"] != "READY"}
-        assert not failed, f"models failed to load: {failed}\n{server.log_tail()}"
+        server.wait_for_ready_models()
         yield server
     finally:
         server.stop()
