@@ -30,20 +30,22 @@ def replay_ms(graph: torch.cuda.CUDAGraph, repeats: int) -> float:
 
 
 def kernel_table(graph: torch.cuda.CUDAGraph, replays: int) -> dict:
-    """GPU time per replay by kernel family, from torch.profiler."""
+    """GPU time (us) and kernel count per replay by kernel family, from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
             graph.replay()
         torch.cuda.synchronize()
-    families: dict[str, float] = {}
+    families: dict[str, list[float]] = {}
     for event in prof.key_averages():
         us = event.device_time_total / replays
         if us <= 0:
             continue
         name = event.key
         lower = name.lower()
-        family = ("all-reduce (nccl)" if "nccl" in lower else "all-reduce (one-shot)" if "one_shot" in lower
+        family = ("all-reduce (nccl)" if "nccl" in lower
+                  else "all-reduce + residual add (one-shot)" if "one_shot_rows" in lower
+                  else "all-reduce (one-shot)" if "one_shot" in lower
                   else "attention (flash)" if "flash" in lower
                   else "attention (decode kernel)" if "_decode_piece" in name or "_combine" in name
                   else "gemv (tpserve)" if "_gemv_" in name
@@ -51,8 +53,13 @@ def kernel_table(graph: torch.cuda.CUDAGraph, replays: int) -> dict:
                                                                          "nvjet"))
                   else "kv write (index_copy)" if "index_elementwise" in lower
                   else "triton (fused)" if "triton" in lower else name[:60])
-        families[family] = families.get(family, 0.0) + us
-    return {name: round(us, 1) for name, us in sorted(families.items(), key=lambda kv: -kv[1])[:16]}
+        entry = families.setdefault(family, [0.0, 0.0])
+        entry[0] += us
+        entry[1] += event.count / replays
+    ordered = sorted(families.items(), key=lambda kv: -kv[1][0])
+    return {"us": {name: round(v[0], 1) for name, v in ordered[:16]},
+            "kernels": {name: round(v[1], 1) for name, v in ordered[:16]},
+            "total_kernels": round(sum(v[1] for v in families.values()), 1)}
 
 
 def allreduce_in_graph(hidden: int, rows: int, count: int = 64) -> dict:
@@ -142,6 +149,7 @@ def main() -> None:
     for row in range(max(rows_list)):
         engine.step(StepPlan(prefill=[Chunk(row, 0, ids[row])], keep=[prompt - 1]))
     report = {"card": torch.cuda.get_device_name(0), "tp": world, "compiled": engine.runner.compiled is not None,
+              "env": {k: v for k, v in os.environ.items() if k.startswith("TPSERVE_")},
               "load_s": round(loaded, 1), "engine_build_s": round(built, 1),
               "gpu_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20)}
     if args.logits:
@@ -156,7 +164,7 @@ def main() -> None:
         step = per_call_ms(lambda: engine.step(plan), 50)
         graph = engine.graphs.graphs[engine.graphs.buckets.pick(plan)][0]
         report[f"rows_{rows}"] = {"step_ms": round(step, 3), "replay_ms": round(replay_ms(graph, 50), 3),
-                                  "kernels_us": kernel_table(graph, 10)}
+                                  "kernels": kernel_table(graph, 10)}
     hidden = model.config.hidden_size
     if world > 1:
         report["allreduce_1_row"] = allreduce_in_graph(hidden, 1)

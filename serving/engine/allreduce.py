@@ -10,6 +10,10 @@ fp16, hence this Triton kernel (fp16, bf16 and fp32).
 
     install(model)                 every AutoTP LinearAllreduce of `model` reduces through tpserve::all_reduce
     torch.ops.tpserve.all_reduce   the op: functional, one opaque kernel to Inductor, capturable in CUDA graphs
+    torch.ops.tpserve.all_reduce_add_rms_norm, torch.ops.tpserve.all_reduce_add
+                                   the all-reduce with the decoder layer's residual add (and the RMSNorm after
+                                   it) in the same kernel, for up to 128 rows (residual.py uses them): two
+                                   Inductor kernels a layer fewer, at TP > 1 only
 
 The op takes the one-shot kernel on CUDA tensors of at most TPSERVE_ALLREDUCE_MAX_BYTES (default 1 MiB:
 128 rows of hidden 4096 in fp16) and NCCL (`torch.distributed.all_reduce` on a copy) for anything larger
@@ -31,9 +35,12 @@ dtype or size of the message, so only block b ever writes or reads them):
      the same order, so all ranks get bit-identical results (greedy tokens must agree across ranks).
 Two slots make an end barrier unnecessary: before a rank writes slot s again (call n + 2 of block b) it has
 passed call n + 1's barrier, so every peer had started call n + 1 and, kernels on a stream being in order,
-had finished reading call n's slot s. The slot comes from the device counter, not from the call site, so any
+had finished reading call n's slot s (with programmatic dependent launch, pdl.py, a kernel may start before the
+one before it ends, but these kernels wait for every earlier kernel before they touch anything). The slot comes from the device counter, not from the call site, so any
 number of calls per step and any number of CUDA graph replays keep the ranks in step, provided every rank
 runs the same sequence of all-reduces on one stream (as tensor parallelism does anyway). No NVLink multicast.
+The add(+norm) kernel works the same way in its own region of the buffers, one block per row (a row's RMSNorm
+needs all of it): block r owns row r's bytes, at a fixed pitch, whatever the hidden size.
 """
 import logging
 import os
@@ -45,11 +52,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from serving.engine import gemv
+from serving.engine import gemv, pdl
 
 try:  # CPU builds of torch come without Triton; the op then takes the NCCL/gloo path
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:
     triton = None
 
@@ -62,6 +70,10 @@ CHUNK_BYTES = 2048  # one block's chunk: 128 threads x 16 bytes (num_warps 4)
 GRID = 128
 MAX_WORLD = 8  # the kernel takes up to eight peers' buffers as separate arguments
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# the rows region (add_rms_norm / add): one block per row, rows at a fixed pitch, so block b always owns the bytes
+# of row b whatever the hidden size or dtype; a row of up to 32 KiB (hidden 16384 in fp16), up to GRID rows
+ROW_PITCH = 32 * 1024
+CHUNKS, ROWS = 0, 1  # the two regions of the symmetric buffer: their own flags, counters and data slots
 
 
 @torch.library.custom_op("tpserve::all_reduce", mutates_args=())
@@ -83,6 +95,54 @@ def all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
 @all_reduce.register_fake
 def _(x: torch.Tensor, group_name: str) -> torch.Tensor:
     return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("tpserve::all_reduce_add_rms_norm", mutates_args=())
+def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                            group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = residual + (the sum of `x` over the group's ranks), and RMSNorm(h) with `weight` and `eps`, as a
+    Llama decoder layer computes them (residual.py): (h, normed). One kernel where the rows fit the one-shot
+    path; otherwise the all-reduce and then the same arithmetic in torch."""
+    one_shot = _rows_path(x, residual, group_name)
+    if one_shot is not None:
+        return one_shot.rows(x, residual, weight, eps)
+    h = residual + all_reduce(x, group_name)
+    return h, rms_norm(h, weight, eps)
+
+
+@all_reduce_add_rms_norm.register_fake
+def _(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+      group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return residual.new_empty(residual.shape), residual.new_empty(residual.shape)
+
+
+@torch.library.custom_op("tpserve::all_reduce_add", mutates_args=())
+def all_reduce_add(x: torch.Tensor, residual: torch.Tensor, group_name: str) -> torch.Tensor:
+    """residual + (the sum of `x` over the group's ranks), in one kernel where the rows fit the one-shot path."""
+    one_shot = _rows_path(x, residual, group_name)
+    if one_shot is not None:
+        return one_shot.rows(x, residual)[0]
+    return residual + all_reduce(x, group_name)
+
+
+@all_reduce_add.register_fake
+def _(x: torch.Tensor, residual: torch.Tensor, group_name: str) -> torch.Tensor:
+    return residual.new_empty(residual.shape)
+
+
+def _rows_path(x: torch.Tensor, residual: torch.Tensor, group_name: str) -> "OneShot | None":
+    """The one-shot state whose add(+norm) kernel takes these rows, or None."""
+    if not x.is_cuda:
+        return None
+    one_shot = _one_shot_for(dist.distributed_c10d._resolve_process_group(group_name), x.device)
+    return one_shot if one_shot is not None and one_shot.fits_rows(x, residual) else None
+
+
+def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm, step for step (in fp32, back to h's dtype, then scaled by the weight)."""
+    x = h.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(h.dtype)
 
 
 def install(model: nn.Module, group: dist.ProcessGroup | None = None) -> int:
@@ -139,6 +199,15 @@ def prepare(group: dist.ProcessGroup, device: torch.device, max_bytes: int | Non
     return _PATHS[key]
 
 
+def rows_limit(group_name: str, device: torch.device) -> int:
+    """The most rows the add(+norm) kernel takes for `group_name` on `device` (after prepare): GRID where the
+    one-shot path is set up, else 0 (every reduction over NCCL, or on CPU)."""
+    index = device.index if device.type == "cuda" else None
+    if device.type == "cuda" and index is None:
+        index = torch.cuda.current_device()
+    return GRID if _STATES.get((group_name, index)) is not None else 0
+
+
 def release() -> None:
     """Drop every symmetric buffer (before destroying the process group)."""
     _STATES.clear()
@@ -168,18 +237,21 @@ def _set_up(group: dist.ProcessGroup, device: torch.device, max_bytes: int) -> t
 
 
 class OneShot:
-    """The symmetric buffers of one group on one device, and the kernel that reduces through them.
+    """The symmetric buffers of one group on one device, and the kernels that reduce through them.
 
-    Each rank holds one symmetric allocation: the barrier's flags (int32 [GRID, world]) and then two data slots
-    of `max_bytes` each. Every rank's allocation is mapped into every other's address space (NVLink peers)."""
+    Each rank holds one symmetric allocation of two regions, each with its own barrier flags (int32 [GRID,
+    world]) and counters: CHUNKS, two data slots of `max_bytes` for all_reduce (block b owns chunks b, b + GRID,
+    ...), and ROWS, two data slots of GRID rows at ROW_PITCH for the add(+norm) kernel (block b owns row b).
+    Every rank's allocation is mapped into every other's address space (NVLink peers)."""
 
     def __init__(self, group: dist.ProcessGroup, device: torch.device, max_bytes: int):
         import torch.distributed._symmetric_memory as symm_mem
 
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.slot_bytes = -(-max_bytes // CHUNK_BYTES) * CHUNK_BYTES
-        flag_bytes = -(-GRID * self.world * 4 // 256) * 256
-        total = flag_bytes + 2 * self.slot_bytes
+        self.row_slot_bytes = GRID * ROW_PITCH
+        flag_bytes = -(-2 * GRID * self.world * 4 // 256) * 256
+        total = flag_bytes + 2 * self.slot_bytes + 2 * self.row_slot_bytes
         if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed by older torch, deprecated (a no-op) later
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -195,24 +267,47 @@ class OneShot:
             raise RuntimeError("the symmetric memory handle does not map this rank's own buffer where it lies")
         self.flags = self.buffer[:flag_bytes].view(torch.int32)
         self.flag_addresses = torch.tensor([peer.data_ptr() for peer in peers], dtype=torch.int64, device=device)
-        self.slots = [peer[flag_bytes:] for peer in peers]
-        self.counters = torch.zeros(GRID, dtype=torch.int32, device=device)
-        self._views: dict[torch.dtype, list[torch.Tensor]] = {}
+        rows_at = flag_bytes + 2 * self.slot_bytes
+        self.slots = [peer[flag_bytes:rows_at] for peer in peers]
+        self.row_slots = [peer[rows_at:] for peer in peers]
+        self.counters = torch.zeros(2, GRID, dtype=torch.int32, device=device)
+        self._views: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
         self.buffer.zero_()  # flags start at 0 on every rank before any rank signals (_set_up agrees after)
         torch.cuda.synchronize(device)
 
     def check(self) -> None:
-        """Two all-reduces (both slots) of known sums in each dtype: Triton compiles the kernels now rather than
-        at the first step (which may be inside a graph capture), and a kernel that cannot run here fails here."""
+        """Two calls (both slots) of each kernel on known values in each dtype: Triton compiles the kernels now
+        rather than at the first step (which may be inside a graph capture), and a kernel that cannot run here
+        fails here. The add(+norm) kernel is checked against the same arithmetic in torch (rms_norm)."""
+        device = self.counters.device
         for dtype in DTYPES:
             for call in range(2):
-                x = torch.full((4096,), self.rank + 1 + call, dtype=dtype, device=self.counters.device)
+                x = torch.full((4096,), self.rank + 1 + call, dtype=dtype, device=device)
                 expected = sum(rank + 1 + call for rank in range(self.world))
                 if not bool((self(x) == expected).all()):
                     raise RuntimeError(f"wrong sums in {dtype} (call {call})")
+                rows = 3 + call  # an uneven hidden size: the kernel's masked lanes
+                mine = (torch.arange(rows * 1000, device=device) % 7 - 3).view(rows, 1000).to(dtype) * (self.rank + 1)
+                residual = torch.linspace(-2, 2, rows * 1000, device=device).view(rows, 1000).to(dtype)
+                weight = torch.linspace(0.5, 1.5, 1000, device=device).to(dtype)
+                total = (torch.arange(rows * 1000, device=device) % 7 - 3).view(rows, 1000).to(dtype) * sum(
+                    rank + 1 for rank in range(self.world))
+                want_h = residual + total
+                h, normed = self.rows(mine, residual, weight, 1e-5)
+                if not bool((h == want_h).all()):
+                    raise RuntimeError(f"wrong residual sums in {dtype} (call {call})")
+                error = (normed.float() - rms_norm(want_h, weight, 1e-5).float()).abs().max().item()
+                if error > 3e-2:  # two roundings of values up to ~2 in bf16
+                    raise RuntimeError(f"RMSNorm off by {error:.3g} in {dtype} (call {call})")
 
     def fits(self, x: torch.Tensor) -> bool:
         return x.dtype in DTYPES and x.numel() * x.element_size() <= self.slot_bytes
+
+    def fits_rows(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
+        """The add(+norm) kernel takes it: at most GRID rows of at most ROW_PITCH bytes, x and residual alike."""
+        hidden = x.shape[-1] if x.dim() else 1
+        return (x.dtype in DTYPES and residual.dtype == x.dtype and residual.shape == x.shape and hidden > 0
+                and x.numel() // hidden <= GRID and hidden * x.element_size() <= ROW_PITCH)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
@@ -220,16 +315,46 @@ class OneShot:
         numel = x.numel()
         if numel == 0:
             return out
-        views = self._views.get(x.dtype)
-        if views is None:
-            views = self._views[x.dtype] = [slot.view(x.dtype) for slot in self.slots]
+        views = self._views_of(CHUNKS, x.dtype)
         block = CHUNK_BYTES // x.element_size()
         peers = views + [views[self.rank]] * (MAX_WORLD - self.world)  # unused arguments: never read
         grid = (min(triton.cdiv(numel, block), GRID),)
-        _one_shot_kernel[grid](x, out, views[self.rank], *peers, self.flag_addresses, self.flags, self.counters,
+        launch = pdl.launch(x.device)
+        _one_shot_kernel[grid](x, out, views[self.rank], *peers, self.flag_addresses, self.flags, self.counters[CHUNKS],
                                numel, self.slot_bytes // x.element_size(), RANK=self.rank, WORLD=self.world,
-                               PEERS=triton.next_power_of_2(self.world), BLOCK=block, GRID=GRID, num_warps=4)
+                               PEERS=triton.next_power_of_2(self.world), BLOCK=block, GRID=GRID, PDL=bool(launch),
+                               num_warps=4, **launch)
         return out
+
+    def rows(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None = None,
+             eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, normed): h = residual + the sum of x over the ranks, normed = RMSNorm(h) (h itself without a
+        weight), each rounded to x's dtype where the unfused layer rounds. One block per row (fits_rows)."""
+        hidden = x.shape[-1]
+        x, residual = x.contiguous(), residual.contiguous()
+        h = torch.empty_like(x)
+        normed = torch.empty_like(x) if weight is not None else h
+        rows = x.numel() // hidden
+        if rows == 0:
+            return h, normed
+        views = self._views_of(ROWS, x.dtype)
+        peers = views + [views[self.rank]] * (MAX_WORLD - self.world)
+        launch = pdl.launch(x.device)
+        block_h = triton.next_power_of_2(hidden)
+        _one_shot_rows_kernel[(rows,)](
+            x, residual, weight if weight is not None else x, h, normed, views[self.rank], *peers, self.flag_addresses,
+            self.flags, self.counters[ROWS], hidden, eps, ROW_PITCH // x.element_size(),
+            self.row_slot_bytes // x.element_size(), RANK=self.rank, WORLD=self.world,
+            PEERS=triton.next_power_of_2(self.world), BLOCK_H=block_h, GRID=GRID, NORM=weight is not None,
+            PDL=bool(launch), num_warps=4 if block_h <= 4096 else 8, **launch)
+        return h, normed
+
+    def _views_of(self, region: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        views = self._views.get((region, dtype))
+        if views is None:
+            slots = self.slots if region == CHUNKS else self.row_slots
+            views = self._views[(region, dtype)] = [slot.view(dtype) for slot in slots]
+        return views
 
 
 _STATES: dict[tuple[str, int | None], OneShot | None] = {}
@@ -290,8 +415,11 @@ def _plain_linear_allreduce(module: nn.Module, base: type) -> bool:
 
 def _reduced_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:
     """LinearAllreduce.forward with tpserve::all_reduce for DeepSpeed's RowParallel step (and the streaming
-    kernels for few rows, gemv.py)."""
+    kernels for few rows, gemv.py). A module whose decoder layer reduces its output itself, together with the
+    residual add (residual.py), returns this rank's partial product."""
     output = gemv.linear(input, self.weight)
+    if getattr(self, "_tpserve_partial", False):
+        return output
     output = torch.ops.tpserve.all_reduce(output, self._tpserve_group_name)
     if self.bias is not None:
         output = output + self.bias
@@ -306,12 +434,51 @@ if triton is not None:
         return tl.load(slot + offsets, mask=mask, cache_modifier=".cg").to(tl.float32)
 
     @triton.jit
+    def _barrier(flag_addresses, flags, slot, epoch, RANK: tl.constexpr, WORLD: tl.constexpr, PEERS: tl.constexpr):
+        """Flag `slot` (region and block) of every rank: store epoch into this rank's flag on every peer
+        (release), then spin until every peer's flag here has reached it (acquire). bar.sync first, so that the
+        release covers every thread's copy; bar.sync after the acquire, so that every thread's reads come after."""
+        tl.debug_barrier()
+        peers = tl.arange(0, PEERS)
+        present = peers < WORLD
+        theirs = tl.load(flag_addresses + peers, mask=present, other=0) + (slot * WORLD + RANK) * 4
+        tl.atomic_xchg(theirs.to(tl.pointer_type(tl.int32)), tl.zeros([PEERS], tl.int32) + epoch, mask=present,
+                       sem="release", scope="sys")
+        waiting = 1
+        while waiting > 0:  # counters wrap at 2**31: compare their difference
+            seen = tl.atomic_add(flags + slot * WORLD + peers, 0, mask=present, sem="acquire", scope="sys")
+            waiting = tl.sum((present & (seen - epoch < 0)).to(tl.int32), axis=0)
+        tl.debug_barrier()
+
+    @triton.jit
+    def _sum_of(p0, p1, p2, p3, p4, p5, p6, p7, offsets, mask, WORLD: tl.constexpr):
+        """Every rank's values at `offsets`, summed in fp32 in rank order (the same sums on every rank)."""
+        total = _read(p0, offsets, mask)
+        total += _read(p1, offsets, mask)
+        if WORLD > 2:
+            total += _read(p2, offsets, mask)
+        if WORLD > 3:
+            total += _read(p3, offsets, mask)
+        if WORLD > 4:
+            total += _read(p4, offsets, mask)
+        if WORLD > 5:
+            total += _read(p5, offsets, mask)
+        if WORLD > 6:
+            total += _read(p6, offsets, mask)
+        if WORLD > 7:
+            total += _read(p7, offsets, mask)
+        return total
+
+    @triton.jit
     def _one_shot_kernel(x, out, mine, p0, p1, p2, p3, p4, p5, p6, p7, flag_addresses, flags, counters, numel,
                          slot_elems, RANK: tl.constexpr, WORLD: tl.constexpr, PEERS: tl.constexpr,
-                         BLOCK: tl.constexpr, GRID: tl.constexpr):
-        """out = the sum over ranks of x. `mine` and p0..p7 are data slots (two of `slot_elems` each): this
-        rank's, and every rank's in rank order; flags is this rank's [GRID, WORLD] int32, flag_addresses every
-        rank's flags' address."""
+                         BLOCK: tl.constexpr, GRID: tl.constexpr, PDL: tl.constexpr):
+        """out = the sum over ranks of x. `mine` and p0..p7 are the CHUNKS region's data slots (two of
+        `slot_elems` each): this rank's, and every rank's in rank order; flags is this rank's [2, GRID, WORLD]
+        int32, flag_addresses every rank's flags' address."""
+        if PDL:  # nothing read ahead: everything here is written by earlier kernels (pdl.py)
+            gdc_wait()
+            gdc_launch_dependents()
         block = tl.program_id(0)
         count = tl.load(counters + block)
         epoch = count + 1
@@ -323,36 +490,42 @@ if triton is not None:
             mask = offsets < numel
             tl.store(mine + base + offsets, tl.load(x + offsets, mask=mask), mask=mask)
         tl.store(counters + block, epoch)
-
-        # The barrier. bar.sync first, so that the release below covers every thread's copy; bar.sync after the
-        # acquire, so that every thread's reads come after it.
-        tl.debug_barrier()
-        peers = tl.arange(0, PEERS)
-        present = peers < WORLD
-        theirs = tl.load(flag_addresses + peers, mask=present, other=0) + (block * WORLD + RANK) * 4
-        tl.atomic_xchg(theirs.to(tl.pointer_type(tl.int32)), tl.zeros([PEERS], tl.int32) + epoch, mask=present,
-                       sem="release", scope="sys")
-        waiting = 1
-        while waiting > 0:  # counters wrap at 2**31: compare their difference
-            seen = tl.atomic_add(flags + block * WORLD + peers, 0, mask=present, sem="acquire", scope="sys")
-            waiting = tl.sum((present & (seen - epoch < 0)).to(tl.int32), axis=0)
-        tl.debug_barrier()
-
+        _barrier(flag_addresses, flags, block, epoch, RANK, WORLD, PEERS)
         for chunk in range(block, chunks, GRID):
             offsets = base + chunk * BLOCK + lanes
             mask = chunk * BLOCK + lanes < numel
-            total = _read(p0, offsets, mask)
-            total += _read(p1, offsets, mask)
-            if WORLD > 2:
-                total += _read(p2, offsets, mask)
-            if WORLD > 3:
-                total += _read(p3, offsets, mask)
-            if WORLD > 4:
-                total += _read(p4, offsets, mask)
-            if WORLD > 5:
-                total += _read(p5, offsets, mask)
-            if WORLD > 6:
-                total += _read(p6, offsets, mask)
-            if WORLD > 7:
-                total += _read(p7, offsets, mask)
+            total = _sum_of(p0, p1, p2, p3, p4, p5, p6, p7, offsets, mask, WORLD)
             tl.store(out + chunk * BLOCK + lanes, total.to(out.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _one_shot_rows_kernel(x, residual, weight, h_out, normed_out, mine, p0, p1, p2, p3, p4, p5, p6, p7,
+                              flag_addresses, flags, counters, hidden, eps, pitch, slot_elems, RANK: tl.constexpr,
+                              WORLD: tl.constexpr, PEERS: tl.constexpr, BLOCK_H: tl.constexpr, GRID: tl.constexpr,
+                              NORM: tl.constexpr, PDL: tl.constexpr):
+        """Row r (block r): h = residual + the sum over ranks of x, rounded to the dtype after the sum (the
+        all-reduce's output) and after the add (the residual stream); with NORM also RMSNorm(h) * weight as
+        transformers' LlamaRMSNorm computes it. The ROWS region's slots hold row r at r * pitch."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        row = tl.program_id(0)
+        count = tl.load(counters + row)
+        epoch = count + 1
+        base = (count & 1).to(tl.int64) * slot_elems + row * pitch
+        cols = tl.arange(0, BLOCK_H)
+        mask = cols < hidden
+        at = row.to(tl.int64) * hidden + cols
+        tl.store(mine + base + cols, tl.load(x + at, mask=mask), mask=mask)
+        tl.store(counters + row, epoch)
+        _barrier(flag_addresses, flags, GRID + row, epoch, RANK, WORLD, PEERS)
+        reduced = _sum_of(p0, p1, p2, p3, p4, p5, p6, p7, base + cols, mask, WORLD).to(h_out.dtype.element_ty)
+        h = (tl.load(residual + at, mask=mask, other=0.0).to(tl.float32) + reduced.to(tl.float32))
+        h = h.to(h_out.dtype.element_ty)
+        tl.store(h_out + at, h, mask=mask)
+        if NORM:
+            hf = h.to(tl.float32)
+            variance = tl.sum(hf * hf, axis=0) / hidden
+            normed = (hf * tl.rsqrt(variance + eps)).to(h_out.dtype.element_ty)
+            w = tl.load(weight + cols, mask=mask, other=0.0)
+            tl.store(normed_out + at, (w.to(tl.float32) * normed.to(tl.float32)).to(h_out.dtype.element_ty),
+                     mask=mask)

@@ -24,9 +24,12 @@ import os
 
 import torch
 
+from serving.engine import pdl
+
 try:  # CPU builds of torch come without Triton: decode steps take the reference path there
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:
     triton = None
 
@@ -67,6 +70,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv: torc
         return out
     scale = 1 / math.sqrt(dim) if scale is None else scale
     splits = pieces(seqs, heads, kv.shape[2])
+    launch = pdl.launch(query.device)  # both kernels wait for the kernels before them first (pdl.py)
     if splits > 1:
         part_max = torch.empty(seqs, heads, splits, dtype=torch.float32, device=query.device)
         part_sum = torch.empty_like(part_max)
@@ -77,10 +81,11 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv: torc
         query, key, value, table[0], table[1], write_index, cu_q, k_start, k_used, out, part_max, part_sum, part_acc,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         table.stride(1), table.stride(2), out.stride(0), out.stride(1), scale,
-        GROUP=heads // kv_heads, D=dim, BLOCK=BLOCK, SPLITS=splits, num_warps=WARPS)
+        GROUP=heads // kv_heads, D=dim, BLOCK=BLOCK, SPLITS=splits, PDL=bool(launch), num_warps=WARPS, **launch)
     if splits > 1:
         _combine[(seqs, heads)](part_max, part_sum, part_acc, cu_q, out, out.stride(0), out.stride(1),
-                                D=dim, SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits), num_warps=4)
+                                D=dim, SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits), PDL=bool(launch),
+                                num_warps=4, **launch)
     return out
 
 
@@ -89,7 +94,10 @@ if triton is not None:
     def _decode_piece(q, k_new, v_new, keys, values, write_index, cu_q, k_start, k_used, out, part_max, part_sum,
                       part_acc, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_row,
                       stride_head, stride_ot, stride_oh, scale, GROUP: tl.constexpr, D: tl.constexpr,
-                      BLOCK: tl.constexpr, SPLITS: tl.constexpr):
+                      BLOCK: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         seq, head, piece = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         kv_head = head // GROUP
         token = tl.load(cu_q + seq).to(tl.int64)
@@ -141,7 +149,10 @@ if triton is not None:
 
     @triton.jit
     def _combine(part_max, part_sum, part_acc, cu_q, out, stride_ot, stride_oh, D: tl.constexpr, SPLITS: tl.constexpr,
-                 SPLITS_POW2: tl.constexpr):
+                 SPLITS_POW2: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         seq, head = tl.program_id(0), tl.program_id(1)
         token = tl.load(cu_q + seq).to(tl.int64)
         pieces = tl.arange(0, SPLITS_POW2)

@@ -36,9 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serving.engine import pdl
+
 try:  # CPU builds of torch come without Triton: nothing is installed there
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:
     triton = None
 
@@ -108,15 +111,17 @@ def project(x: torch.Tensor, weight: torch.Tensor, config: Config | None = None)
     out = x.new_empty(m, n)
     grid = (triton.cdiv(n, config.block_n),)
     even = n % config.block_n == 0 and k % config.block_k == 0
+    launch = pdl.launch(x.device)
     if config.kernel == "row":
         assert m == 1, "the row kernel takes one row"
         _gemv_row_kernel[grid](x, weight, out, n, k, weight.stride(0), BLOCK_N=config.block_n,
-                               BLOCK_K=config.block_k, EVEN=even, num_warps=config.warps, num_stages=config.stages)
+                               BLOCK_K=config.block_k, EVEN=even, PDL=bool(launch), num_warps=config.warps,
+                               num_stages=config.stages, **launch)
     else:
         assert m <= config.block_m, f"{m} rows in a tile of {config.block_m}"
         _gemv_dot_kernel[grid](x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
                                BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN=even,
-                               num_warps=config.warps, num_stages=config.stages)
+                               PDL=bool(launch), num_warps=config.warps, num_stages=config.stages, **launch)
     return out
 
 
@@ -191,28 +196,43 @@ def _linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
 
 if triton is not None:
     @triton.jit
-    def _gemv_row_kernel(x, w, y, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+    def _gemv_row_kernel(x, w, y, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
+                         PDL: tl.constexpr):
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.arange(0, BLOCK_K)
         w_ptrs = w + n[:, None].to(tl.int64) * stride_w + k[None, :]
         x_ptrs = x + k
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        # the first tile of weights is read before the wait (pdl.py): it overlaps the previous kernel's tail
+        if EVEN:
+            a = tl.load(w_ptrs, eviction_policy="evict_first")
+        else:
+            a = tl.load(w_ptrs, mask=(n[:, None] < N) & (k[None, :] < K), other=0.0, eviction_policy="evict_first")
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         for start in range(0, K, BLOCK_K):
             if EVEN:
-                a = tl.load(w_ptrs, eviction_policy="evict_first")
                 b = tl.load(x_ptrs)
             else:
-                in_k = start + k < K
-                a = tl.load(w_ptrs, mask=(n[:, None] < N) & in_k[None, :], other=0.0, eviction_policy="evict_first")
-                b = tl.load(x_ptrs, mask=in_k, other=0.0)
+                b = tl.load(x_ptrs, mask=start + k < K, other=0.0)
             acc += a.to(tl.float32) * b.to(tl.float32)[None, :]
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
+            following = start + BLOCK_K + k < K  # the next tile (none after the last)
+            if EVEN:
+                a = tl.load(w_ptrs, mask=following[None, :], eviction_policy="evict_first")
+            else:
+                a = tl.load(w_ptrs, mask=(n[:, None] < N) & following[None, :], other=0.0,
+                            eviction_policy="evict_first")
         tl.store(y + n, tl.sum(acc, axis=1).to(y.dtype.element_ty), mask=n < N)
 
     @triton.jit
     def _gemv_dot_kernel(x, w, y, M, N, K, stride_x, stride_w, stride_y, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+                         BLOCK_K: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # no weights read ahead: Triton's software pipelining owns this loop's loads
+            gdc_wait()
+            gdc_launch_dependents()
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, BLOCK_M)
         k = tl.arange(0, BLOCK_K)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from serving.engine import allreduce, attention, gemv
+from serving.engine import allreduce, attention, gemv, residual
 from serving.engine.constraints import grammar_for
 from serving.engine.detokenize import Sequence
 from serving.engine.formats import Answers, output_format
@@ -92,6 +92,7 @@ class Engine:
         use_slot_attention(model)
         fuse_projections(model)  # before the KV budget is measured: fusing moves weights
         allreduce.install(model)  # TP > 1: the row-parallel all-reduces take the one-shot kernel (collective)
+        residual.install(model)  # TP > 1: each all-reduce joined to the residual add (and norm) after it
         self.max_len = model_max_len(model.config, self.settings.max_model_len)
         budget = self._budget_tokens(model, world_size)
         self.cache = SlotCache(_agreed(plan_slots(self.settings.max_rows, self.max_len, budget), world_size,
