@@ -5,7 +5,7 @@
 # (TPSERVE_FUSED_RESIDUAL); meanwhile bench.loop_time's 64-stream workload in process on the second GPU. Then every
 # variant's logits against TP=1's.
 # Usage, from the repository root on that machine (wheels in .whl, tokenizer in .gpu, as device_run.sh):
-#   bash bench/device_ab.sh OUT_DIR
+#   bash bench/device_ab.sh OUT_DIR        (QUICK=1: TP=1 with PDL, TP=2 with neither and with both, only)
 set -uo pipefail
 out=${1:?usage: device_ab.sh OUT_DIR}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -24,12 +24,12 @@ CUDA_VISIBLE_DEVICES=1 timeout 300 python3 -m bench.loop_time --model-dir $model
   --out "$out/loop_time.json" > "$out/loop_time.log" 2>&1 &
 loop=$!
 CUDA_VISIBLE_DEVICES=0 step 1 pdl
-CUDA_VISIBLE_DEVICES=0 step 1 plain TPSERVE_PDL=0
+[ "${QUICK:-0}" = 1 ] || CUDA_VISIBLE_DEVICES=0 step 1 plain TPSERVE_PDL=0
 wait $loop; echo "loop_time rc=$?"; grep -v "^\[" "$out/loop_time.log" | tail -40
 step 2 plain TPSERVE_PDL=0 TPSERVE_FUSED_RESIDUAL=0
-step 2 fused TPSERVE_PDL=0
+[ "${QUICK:-0}" = 1 ] || step 2 fused TPSERVE_PDL=0
 step 2 both
-python3 -m bench.tp_step --compare /tmp/logits_tp1_plain.pt /tmp/logits_tp1_pdl.pt /tmp/logits_tp2_*.pt \
+python3 -m bench.tp_step --compare /tmp/logits_tp1_pdl.pt $(ls /tmp/logits_tp1_plain.pt 2>/dev/null) /tmp/logits_tp2_*.pt \
   | tee "$out/logits_compare.json"
 python3 - "$out" <<'EOF'
 import json, pathlib, sys

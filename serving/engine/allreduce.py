@@ -10,10 +10,10 @@ fp16, hence this Triton kernel (fp16, bf16 and fp32).
 
     install(model)                 every AutoTP LinearAllreduce of `model` reduces through tpserve::all_reduce
     torch.ops.tpserve.all_reduce   the op: functional, one opaque kernel to Inductor, capturable in CUDA graphs
-    torch.ops.tpserve.all_reduce_add_rms_norm, torch.ops.tpserve.all_reduce_add
-                                   the all-reduce with the decoder layer's residual add (and the RMSNorm after
-                                   it) in the same kernel, for up to 128 rows (residual.py uses them): two
-                                   Inductor kernels a layer fewer, at TP > 1 only
+    torch.ops.tpserve.all_reduce_add_rms_norm
+                                   the all-reduce with the decoder layer's residual add and the RMSNorm after it
+                                   in the same kernel, for up to 128 rows (residual.py): at TP > 1, three
+                                   Inductor kernels a layer fewer
 
 The op takes the one-shot kernel on CUDA tensors of at most TPSERVE_ALLREDUCE_MAX_BYTES (default 1 MiB:
 128 rows of hidden 4096 in fp16) and NCCL (`torch.distributed.all_reduce` on a copy) for anything larger
@@ -39,7 +39,7 @@ had finished reading call n's slot s (with programmatic dependent launch, pdl.py
 one before it ends, but these kernels wait for every earlier kernel before they touch anything). The slot comes from the device counter, not from the call site, so any
 number of calls per step and any number of CUDA graph replays keep the ranks in step, provided every rank
 runs the same sequence of all-reduces on one stream (as tensor parallelism does anyway). No NVLink multicast.
-The add(+norm) kernel works the same way in its own region of the buffers, one block per row (a row's RMSNorm
+The add-and-norm kernel works the same way in its own region of the buffers, one block per row (a row's RMSNorm
 needs all of it): block r owns row r's bytes, at a fixed pitch, whatever the hidden size.
 """
 import logging
@@ -70,7 +70,7 @@ CHUNK_BYTES = 2048  # one block's chunk: 128 threads x 16 bytes (num_warps 4)
 GRID = 128
 MAX_WORLD = 8  # the kernel takes up to eight peers' buffers as separate arguments
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# the rows region (add_rms_norm / add): one block per row, rows at a fixed pitch, so block b always owns the bytes
+# the rows region (all_reduce_add_rms_norm): one block per row, rows at a fixed pitch, so block b always owns the bytes
 # of row b whatever the hidden size or dtype; a row of up to 32 KiB (hidden 16384 in fp16), up to GRID rows
 ROW_PITCH = 32 * 1024
 CHUNKS, ROWS = 0, 1  # the two regions of the symmetric buffer: their own flags, counters and data slots
@@ -99,39 +99,25 @@ def _(x: torch.Tensor, group_name: str) -> torch.Tensor:
 
 @torch.library.custom_op("tpserve::all_reduce_add_rms_norm", mutates_args=())
 def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                            group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """h = residual + (the sum of `x` over the group's ranks), and RMSNorm(h) with `weight` and `eps`, as a
-    Llama decoder layer computes them (residual.py): (h, normed). One kernel where the rows fit the one-shot
-    path; otherwise the all-reduce and then the same arithmetic in torch."""
+                            group_name: str) -> torch.Tensor:
+    """h = residual + (the sum of `x` [..., H] over the group's ranks), and RMSNorm(h) with `weight` and `eps`,
+    as a Llama decoder layer computes them, side by side in one [..., 2H] tensor (h, then the normed h: the
+    packed residual stream of residual.py). One kernel where the rows fit the one-shot path; otherwise the
+    all-reduce and then the same arithmetic in torch."""
     one_shot = _rows_path(x, residual, group_name)
     if one_shot is not None:
         return one_shot.rows(x, residual, weight, eps)
     h = residual + all_reduce(x, group_name)
-    return h, rms_norm(h, weight, eps)
+    return torch.cat([h, rms_norm(h, weight, eps)], dim=-1)
 
 
 @all_reduce_add_rms_norm.register_fake
-def _(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-      group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return residual.new_empty(residual.shape), residual.new_empty(residual.shape)
-
-
-@torch.library.custom_op("tpserve::all_reduce_add", mutates_args=())
-def all_reduce_add(x: torch.Tensor, residual: torch.Tensor, group_name: str) -> torch.Tensor:
-    """residual + (the sum of `x` over the group's ranks), in one kernel where the rows fit the one-shot path."""
-    one_shot = _rows_path(x, residual, group_name)
-    if one_shot is not None:
-        return one_shot.rows(x, residual)[0]
-    return residual + all_reduce(x, group_name)
-
-
-@all_reduce_add.register_fake
-def _(x: torch.Tensor, residual: torch.Tensor, group_name: str) -> torch.Tensor:
-    return residual.new_empty(residual.shape)
+def _(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, group_name: str) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], 2 * x.shape[-1])
 
 
 def _rows_path(x: torch.Tensor, residual: torch.Tensor, group_name: str) -> "OneShot | None":
-    """The one-shot state whose add(+norm) kernel takes these rows, or None."""
+    """The one-shot state whose add-and-norm kernel takes these rows, or None."""
     if not x.is_cuda:
         return None
     one_shot = _one_shot_for(dist.distributed_c10d._resolve_process_group(group_name), x.device)
@@ -200,7 +186,7 @@ def prepare(group: dist.ProcessGroup, device: torch.device, max_bytes: int | Non
 
 
 def rows_limit(group_name: str, device: torch.device) -> int:
-    """The most rows the add(+norm) kernel takes for `group_name` on `device` (after prepare): GRID where the
+    """The most rows the add-and-norm kernel takes for `group_name` on `device` (after prepare): GRID where the
     one-shot path is set up, else 0 (every reduction over NCCL, or on CPU)."""
     index = device.index if device.type == "cuda" else None
     if device.type == "cuda" and index is None:
@@ -241,7 +227,7 @@ class OneShot:
 
     Each rank holds one symmetric allocation of two regions, each with its own barrier flags (int32 [GRID,
     world]) and counters: CHUNKS, two data slots of `max_bytes` for all_reduce (block b owns chunks b, b + GRID,
-    ...), and ROWS, two data slots of GRID rows at ROW_PITCH for the add(+norm) kernel (block b owns row b).
+    ...), and ROWS, two data slots of GRID rows at ROW_PITCH for the add-and-norm kernel (block b owns row b).
     Every rank's allocation is mapped into every other's address space (NVLink peers)."""
 
     def __init__(self, group: dist.ProcessGroup, device: torch.device, max_bytes: int):
@@ -278,7 +264,7 @@ class OneShot:
     def check(self) -> None:
         """Two calls (both slots) of each kernel on known values in each dtype: Triton compiles the kernels now
         rather than at the first step (which may be inside a graph capture), and a kernel that cannot run here
-        fails here. The add(+norm) kernel is checked against the same arithmetic in torch (rms_norm)."""
+        fails here. The add-and-norm kernel is checked against the same arithmetic in torch (rms_norm)."""
         device = self.counters.device
         for dtype in DTYPES:
             for call in range(2):
@@ -293,7 +279,7 @@ class OneShot:
                 total = (torch.arange(rows * 1000, device=device) % 7 - 3).view(rows, 1000).to(dtype) * sum(
                     rank + 1 for rank in range(self.world))
                 want_h = residual + total
-                h, normed = self.rows(mine, residual, weight, 1e-5)
+                h, normed = self.rows(mine, residual, weight, 1e-5).split(1000, dim=-1)
                 if not bool((h == want_h).all()):
                     raise RuntimeError(f"wrong residual sums in {dtype} (call {call})")
                 error = (normed.float() - rms_norm(want_h, weight, 1e-5).float()).abs().max().item()
@@ -304,9 +290,10 @@ class OneShot:
         return x.dtype in DTYPES and x.numel() * x.element_size() <= self.slot_bytes
 
     def fits_rows(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
-        """The add(+norm) kernel takes it: at most GRID rows of at most ROW_PITCH bytes, x and residual alike."""
+        """The add-and-norm kernel takes it: at most GRID rows of at most ROW_PITCH bytes, x and residual alike."""
         hidden = x.shape[-1] if x.dim() else 1
         return (x.dtype in DTYPES and residual.dtype == x.dtype and residual.shape == x.shape and hidden > 0
+                and residual.stride(-1) == 1
                 and x.numel() // hidden <= GRID and hidden * x.element_size() <= ROW_PITCH)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -326,28 +313,30 @@ class OneShot:
                                num_warps=4, **launch)
         return out
 
-    def rows(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None = None,
-             eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h, normed): h = residual + the sum of x over the ranks, normed = RMSNorm(h) (h itself without a
-        weight), each rounded to x's dtype where the unfused layer rounds. One block per row (fits_rows)."""
+    def rows(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """h = residual + the sum of x over the ranks and RMSNorm(h), side by side ([..., 2H]), each rounded to
+        x's dtype where the unfused layer rounds. One block per row (fits_rows). `residual` may be a view with
+        rows at any stride (the h half of a packed stream)."""
         hidden = x.shape[-1]
-        x, residual = x.contiguous(), residual.contiguous()
-        h = torch.empty_like(x)
-        normed = torch.empty_like(x) if weight is not None else h
+        x = x.contiguous()
+        res = residual.reshape(-1, hidden)
+        if res.stride(-1) != 1:
+            res = res.contiguous()
+        out = x.new_empty(*x.shape[:-1], 2 * hidden)
         rows = x.numel() // hidden
         if rows == 0:
-            return h, normed
+            return out
         views = self._views_of(ROWS, x.dtype)
         peers = views + [views[self.rank]] * (MAX_WORLD - self.world)
         launch = pdl.launch(x.device)
         block_h = triton.next_power_of_2(hidden)
         _one_shot_rows_kernel[(rows,)](
-            x, residual, weight if weight is not None else x, h, normed, views[self.rank], *peers, self.flag_addresses,
-            self.flags, self.counters[ROWS], hidden, eps, ROW_PITCH // x.element_size(),
+            x, res, res.stride(0), weight, out, views[self.rank], *peers,
+            self.flag_addresses, self.flags, self.counters[ROWS], hidden, eps, ROW_PITCH // x.element_size(),
             self.row_slot_bytes // x.element_size(), RANK=self.rank, WORLD=self.world,
-            PEERS=triton.next_power_of_2(self.world), BLOCK_H=block_h, GRID=GRID, NORM=weight is not None,
+            PEERS=triton.next_power_of_2(self.world), BLOCK_H=block_h, GRID=GRID,
             PDL=bool(launch), num_warps=4 if block_h <= 4096 else 8, **launch)
-        return h, normed
+        return out
 
     def _views_of(self, region: int, dtype: torch.dtype) -> list[torch.Tensor]:
         views = self._views.get((region, dtype))
@@ -498,13 +487,14 @@ if triton is not None:
             tl.store(out + chunk * BLOCK + lanes, total.to(out.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _one_shot_rows_kernel(x, residual, weight, h_out, normed_out, mine, p0, p1, p2, p3, p4, p5, p6, p7,
+    def _one_shot_rows_kernel(x, residual, residual_stride, weight, out, mine, p0, p1, p2, p3, p4, p5, p6, p7,
                               flag_addresses, flags, counters, hidden, eps, pitch, slot_elems, RANK: tl.constexpr,
                               WORLD: tl.constexpr, PEERS: tl.constexpr, BLOCK_H: tl.constexpr, GRID: tl.constexpr,
-                              NORM: tl.constexpr, PDL: tl.constexpr):
+                              PDL: tl.constexpr):
         """Row r (block r): h = residual + the sum over ranks of x, rounded to the dtype after the sum (the
-        all-reduce's output) and after the add (the residual stream); with NORM also RMSNorm(h) * weight as
-        transformers' LlamaRMSNorm computes it. The ROWS region's slots hold row r at r * pitch."""
+        all-reduce's output) and after the add (the residual stream), then RMSNorm(h) * weight as transformers'
+        LlamaRMSNorm computes it: both into out's row r ([rows, 2 * hidden]), h first. The ROWS region's slots
+        hold row r at r * pitch."""
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
@@ -515,17 +505,16 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_H)
         mask = cols < hidden
         at = row.to(tl.int64) * hidden + cols
+        into = row.to(tl.int64) * 2 * hidden + cols
         tl.store(mine + base + cols, tl.load(x + at, mask=mask), mask=mask)
         tl.store(counters + row, epoch)
         _barrier(flag_addresses, flags, GRID + row, epoch, RANK, WORLD, PEERS)
-        reduced = _sum_of(p0, p1, p2, p3, p4, p5, p6, p7, base + cols, mask, WORLD).to(h_out.dtype.element_ty)
-        h = (tl.load(residual + at, mask=mask, other=0.0).to(tl.float32) + reduced.to(tl.float32))
-        h = h.to(h_out.dtype.element_ty)
-        tl.store(h_out + at, h, mask=mask)
-        if NORM:
-            hf = h.to(tl.float32)
-            variance = tl.sum(hf * hf, axis=0) / hidden
-            normed = (hf * tl.rsqrt(variance + eps)).to(h_out.dtype.element_ty)
-            w = tl.load(weight + cols, mask=mask, other=0.0)
-            tl.store(normed_out + at, (w.to(tl.float32) * normed.to(tl.float32)).to(h_out.dtype.element_ty),
-                     mask=mask)
+        reduced = _sum_of(p0, p1, p2, p3, p4, p5, p6, p7, base + cols, mask, WORLD).to(out.dtype.element_ty)
+        h = tl.load(residual + row.to(tl.int64) * residual_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        h = (h + reduced.to(tl.float32)).to(out.dtype.element_ty)
+        tl.store(out + into, h, mask=mask)
+        hf = h.to(tl.float32)
+        variance = tl.sum(hf * hf, axis=0) / hidden
+        normed = (hf * tl.rsqrt(variance + eps)).to(out.dtype.element_ty)
+        w = tl.load(weight + cols, mask=mask, other=0.0)
+        tl.store(out + into + hidden, (w.to(tl.float32) * normed.to(tl.float32)).to(out.dtype.element_ty), mask=mask)

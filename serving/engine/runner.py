@@ -129,6 +129,10 @@ class ModelRunner:
         self.layers = repeated_layers(self.model)
         if self.layers is None:
             return False
+        # one compiled variant per kind of step (decode of one row, of a few, of many; prompts), and at TP > 1
+        # two of each where the residual stream is packed (residual.py: the first layer takes the embeddings):
+        # more than Dynamo's default of 8, past which it would run the layers uncompiled
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         self.compiled = nn.ModuleList([torch.compile(layer, dynamic=True) for layer in self.layers])
         return True
 

@@ -73,19 +73,24 @@ def _rank(rank: int, port: int) -> None:
         assert all("forward" in vars(layer) and layer._tpserve_fused_rows == 0 for layer in layers)  # CPU: unfused
         assert all(layer.self_attn.o_proj._tpserve_partial and layer.mlp.down_proj._tpserve_partial
                    for layer in layers)
+        assert layers[0]._tpserve_next_norm[0] is layers[1].input_layernorm
+        assert layers[1]._tpserve_next_norm[0] is model.model.norm and "forward" in vars(model.model.norm)
         with torch.no_grad():
             assert torch.equal(model(ids).logits, before)
-            for layer in layers:  # the fused ops' path for steps the one-shot kernel does not take
+            # the packed stream, through the fused op's own path for steps the one-shot kernel does not take
+            for layer in layers:
                 layer._tpserve_fused_rows = allreduce.GRID
+            packed = layers[0](model.model.embed_tokens(ids), position_embeddings=_rotary(model, 7))
+            assert packed.shape[-1] == 2 * 64
             assert torch.equal(model(ids).logits, before)
         assert residual.install(model) == 0  # changed layers are not changed again
 
-        explained = torch._dynamo.explain(layers[0])(torch.randn(1, 7, 64), position_embeddings=_rotary(model, 7))
-        assert explained.graph_break_count == 0, explained.break_reasons
+        for width in (64, 128):  # the embeddings, and a packed stream
+            explained = torch._dynamo.explain(layers[0])(torch.randn(1, 7, width), position_embeddings=_rotary(model, 7))
+            assert explained.graph_break_count == 0, explained.break_reasons
         group = layers[0]._tpserve_group_name
         x, res, weight = torch.randn(3, 64), torch.randn(3, 64), torch.rand(64)
         torch.library.opcheck(torch.ops.tpserve.all_reduce_add_rms_norm.default, (x, res, weight, 1e-5, group))
-        torch.library.opcheck(torch.ops.tpserve.all_reduce_add.default, (x, res, group))
     finally:
         dist.destroy_process_group()
 
