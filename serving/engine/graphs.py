@@ -5,8 +5,7 @@ TP > 1 two all-reduces per layer). A graph records one step's kernels once, all-
 them with one launch. A graph replays fixed shapes and fixed addresses, so:
 - each graph has its own input buffers (runner.StepTensors) that a step refills in place, and reads nothing
   from the host: attention takes its shape from device tensors (attention.py, the flash path);
-- a step is padded up to the smallest graph that holds it (`Buckets.pick`), except long prompt steps, which are
-  compute-bound: they run compiled at their own size, uncaptured (UNPADDED_TOKENS). Decode steps of n rows run in
+- a step is padded up to the smallest graph that holds it (`Buckets.pick`). Decode steps of n rows run in
   the graph for B >= n rows, the extra rows decoding a dummy token in the cache's scratch slot. Steps with
   prompt tokens run in a graph for T >= tokens packed tokens and every slot's sequence: the extra tokens form
   dummy chunks in the scratch slot, and the unused sequences are empty.
@@ -17,7 +16,6 @@ What a graph records is the compiled forward when the runner has one (runner.com
 Inductor fuses each layer's small kernels first, then capture removes the launches. Steps no graph holds (more kept logits than rows, as with prompt log-probabilities,
 or more tokens than the largest graph) run eagerly.
 """
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -35,11 +33,6 @@ DECODE_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160
 # tokens; 1.5x apart, 9%)
 PREFILL_TOKENS = (32, 64, 128, 256, 384, 512, 640, 768, 1024, 1280, 1536, 2048, 2560, 3072, 3584, 4096, 5120, 6144,
                   8192)
-# prompt steps of at least this many tokens run at their own size, compiled but not captured: at ~25 ms and more
-# of GPU time a step (a 7B model on an H200), launching its kernels from Python is hidden behind the steps queued
-# before it, while padding to the bucket costs every padded token's full share (the 64-stream workload's prompt
-# steps padded 8.8% of their tokens)
-UNPADDED_TOKENS = 768
 
 
 @dataclass(frozen=True)
@@ -74,16 +67,12 @@ class Buckets:
         return self.decode + self.prefill
 
     def pick(self, plan: StepPlan) -> Shape | None:
-        """The smallest graph that holds the plan, or None (run it eagerly). A prompt step of UNPADDED_TOKENS or
-        more gets its bucket's shape at its own token count: no graph has it, so it runs compiled, uncaptured."""
+        """The smallest graph that holds the plan, or None (run it eagerly)."""
         if not plan.prefill:
             return next((s for s in self.decode if s.seqs >= len(plan.decode_slots)), None)
         seqs = len(plan.decode_slots) + len(plan.prefill)
-        shape = next((s for s in self.prefill if s.tokens >= plan.n_tokens and s.keep >= len(plan.keep)
-                      and s.seqs - -(-(s.tokens - plan.n_tokens) // self.max_len) >= seqs), None)
-        if shape is not None and plan.n_tokens >= UNPADDED_TOKENS:
-            return Shape(plan.n_tokens, shape.seqs, shape.keep, True)
-        return shape
+        return next((s for s in self.prefill if s.tokens >= plan.n_tokens and s.keep >= len(plan.keep)
+                     and s.seqs - -(-(s.tokens - plan.n_tokens) // self.max_len) >= seqs), None)
 
 
 def pad(plan: StepPlan, shape: Shape, scratch: int, max_len: int) -> StepPlan:
@@ -119,10 +108,7 @@ class StepGraphs:
         """Capture every bucket's graph, the largest first (later ones reuse its memory). Seconds taken."""
         started = time.monotonic()
         pool = torch.cuda.graph_pool_handle()
-        # prompt buckets from UNPADDED_TOKENS on are never replayed (pick gives such steps their own size); the
-        # smaller ones compile every kind of step those run
-        shapes = [s for s in self.buckets.shapes if not (s.prefill and s.tokens >= UNPADDED_TOKENS)]
-        for shape in sorted(shapes, key=lambda s: (s.tokens, s.seqs), reverse=True):
+        for shape in sorted(self.buckets.shapes, key=lambda s: (s.tokens, s.seqs), reverse=True):
             inputs = StepTensors(self._packed(StepPlan(), shape), self.runner.device)
             with torch.inference_mode():
                 # warm-up outside the capture: kernels pick their algorithms, the compiler compiles
@@ -142,20 +128,17 @@ class StepGraphs:
         shape = self.buckets.pick(plan)
         if shape is None:
             return None
-        if shape in self.graphs:
+        if self.graphs:
             graph, inputs, logits = self.graphs[shape]
             inputs.fill(self._packed(plan, shape))
             inputs.take(feed)
             graph.replay()
-        else:  # not captured (CPUs), or a long prompt step at its own size
+        else:
             padded = pad(plan, shape, self.cache.scratch, self.cache.max_len)
             inputs = StepTensors(self._packed(plan, shape), self.runner.device)
             inputs.take(feed)
-            # once captured, every kind of step is compiled: a new guard here would mean compiling mid-serving
-            # for tens of seconds, so such a step would run its layers uncompiled instead
-            with torch.compiler.set_stance("eager_on_recompile") if self.graphs else contextlib.nullcontext():
-                logits = self.runner.forward(inputs, None if self.runner.varlen else self.runner.slot_rows(padded),
-                                             compiled=True)
+            logits = self.runner.forward(inputs, None if self.runner.varlen else self.runner.slot_rows(padded),
+                                         compiled=True)
         return logits[0, :len(plan.keep)].float()
 
     def _packed(self, plan: StepPlan, shape: Shape) -> Packed:

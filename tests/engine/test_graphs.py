@@ -4,7 +4,6 @@ import time
 
 import pytest
 
-from serving.engine import graphs
 from serving.engine.graphs import Buckets, Shape, pad
 from serving.engine.plan import Chunk, StepPlan
 from serving.engine.runner import pack
@@ -32,11 +31,6 @@ def test_prefill_steps_take_a_token_bucket_and_every_slot():
     assert buckets.prefill[-1].tokens == 4 + 512  # all rows decoding and a full prefill budget
     # prompt log-probabilities keep more rows than there are slots: no graph, the step runs eagerly
     assert buckets.pick(StepPlan(prefill=[Chunk(1, 0, [1] * 20)], keep=list(range(20)))) is None
-    # a long prompt step keeps its own token count (compiled, uncaptured), with its bucket's sequences and rows
-    wide = Buckets(slots=4, prefill_tokens=2048, max_len=1024)
-    long = StepPlan([0], [7], [3], [Chunk(1, 0, [1] * (graphs.UNPADDED_TOKENS + 9))], [0, graphs.UNPADDED_TOKENS + 9])
-    bucket = next(s for s in wide.prefill if s.tokens >= long.n_tokens)
-    assert wide.pick(long) == Shape(long.n_tokens, bucket.seqs, bucket.keep, True) != bucket
 
 
 def test_padding_adds_only_scratch_rows_and_keeps_the_live_ones_in_place():
@@ -53,9 +47,7 @@ def test_padding_adds_only_scratch_rows_and_keeps_the_live_ones_in_place():
     assert lone.decode_slots == [0, 1, 2, 4] and lone.decode_positions[3] == 0
 
 
-@pytest.mark.parametrize("unpadded", [graphs.UNPADDED_TOKENS, 12], ids=["buckets", "long-prompts-unpadded"])
-def test_padded_steps_generate_what_eager_steps_generate(harness, model_path, monkeypatch, unpadded):
-    monkeypatch.setattr(graphs, "UNPADDED_TOKENS", unpadded)  # 12: most prompt steps run at their own size
+def test_padded_steps_generate_what_eager_steps_generate(harness, model_path):
     eager = harness(model_path, max_rolling_batch_size=4)
     padded = harness(model_path, max_rolling_batch_size=4, padded=True, max_rolling_batch_prefill_tokens=16)
     alone = [token_ids(eager.answer(eager.submit({"inputs": p, "parameters": greedy(n)}))) for p, n in WORK]
