@@ -126,6 +126,8 @@ def mixed(h, model_dir: str, concurrency: int, output_len: int) -> dict:
                     return
                 text, _ = queue.pop()
             h.wait(h.submit({**body, "inputs": text}), timeout=600)
+    origin = torch.cuda.Event(enable_timing=True)
+    origin.record()
     started = time.perf_counter()
     clients = [threading.Thread(target=client) for _ in range(concurrency)]
     for thread in clients:
@@ -143,9 +145,19 @@ def mixed(h, model_dir: str, concurrency: int, output_len: int) -> dict:
         entry["tokens"] += tokens
         entry["padded_tokens"] += padded
     gpu_ms = sum(e["gpu_ms"] for e in kinds.values())
+    # the GPU's time between steps: sampling and the token broadcast after each step (short gaps), or waiting for
+    # the host (long ones: new requests at a wave's turn, a host that fell behind)
+    spans = [(kind, origin.elapsed_time(start), origin.elapsed_time(end)) for kind, _, _, start, end in steps]
+    gaps = sorted(((b[1] - a[2], a[0], b[0], round(a[2])) for a, b in zip(spans, spans[1:])), reverse=True)
+    between = {"before_first_step_ms": round(spans[0][1], 1) if spans else None,
+               "after_last_step_ms": round(wall * 1000 - spans[-1][2], 1) if spans else None,
+               "total_ms": round(sum(g[0] for g in gaps), 1),
+               "under_1ms_total_ms": round(sum(g[0] for g in gaps if g[0] < 1), 1),
+               "under_1ms_count": sum(1 for g in gaps if g[0] < 1),
+               "largest": [{"ms": round(g, 2), "after": a, "before": b, "at_ms": t} for g, a, b, t in gaps[:8]]}
     return {"requests": len(prompts), "prompt_tokens": sum(n for _, n in prompts), "output_tokens_per_s":
             round(len(prompts) * output_len / wall, 1), "wall_s": round(wall, 2), "gpu_busy_share": round(
-            gpu_ms / 1000 / wall, 3), "steps": len(steps), "by_kind": {
+            gpu_ms / 1000 / wall, 3), "steps": len(steps), "between_steps": between, "by_kind": {
             kind: {**e, "gpu_ms": round(e["gpu_ms"], 1), "ms_per_step": round(e["gpu_ms"] / e["steps"], 2)}
             for kind, e in sorted(kinds.items(), key=lambda kv: -kv[1]["gpu_ms"])}}
 

@@ -118,6 +118,8 @@ def main() -> None:
     parser.add_argument("--model-dir")
     parser.add_argument("--rows", type=int, action="append")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--prefill", type=int, action="append", default=[],
+                        help="also profile the captured prompt step of about this many tokens (256-token prompts)")
     parser.add_argument("--out")
     parser.add_argument("--logits", help="save the first decode step's logits here (rank 0)")
     parser.add_argument("--compare", nargs="+", help="compare saved logits files (no GPU run)")
@@ -140,8 +142,9 @@ def main() -> None:
     if world == 1:
         model = model.cuda()
     loaded = time.monotonic() - started
+    slots = max([*rows_list, *(t // 256 for t in args.prefill)])  # a slot for each 256-token prompt of --prefill
     engine = Engine(model, load_tokenizer(args.model_dir), {2},
-                    {"max_model_len": "1024", "max_rolling_batch_size": str(max(rows_list)),
+                    {"max_model_len": "1024", "max_rolling_batch_size": str(slots),
                      "torch_compile": str(not args.no_compile).lower()}, world)
     built = time.monotonic() - started - loaded
     prompt = 200
@@ -165,6 +168,14 @@ def main() -> None:
         graph = engine.graphs.graphs[engine.graphs.buckets.pick(plan)][0]
         report[f"rows_{rows}"] = {"step_ms": round(step, 3), "replay_ms": round(replay_ms(graph, 50), 3),
                                   "kernels": kernel_table(graph, 10)}
+    for tokens in args.prefill:
+        prompts = [Chunk(slot, 0, ids[slot % len(ids)][:1] * 256) for slot in range(tokens // 256)]
+        plan = StepPlan(prefill=prompts, keep=[256 * (i + 1) - 1 for i in range(len(prompts))])
+        engine.step(plan)
+        shape = engine.graphs.buckets.pick(plan)
+        graph = engine.graphs.graphs[shape][0]
+        report[f"prefill_{tokens}"] = {"tokens": plan.n_tokens, "graph_tokens": shape.tokens,
+                                       "replay_ms": round(replay_ms(graph, 10), 3), "kernels": kernel_table(graph, 3)}
     hidden = model.config.hidden_size
     if world > 1:
         report["allreduce_1_row"] = allreduce_in_graph(hidden, 1)

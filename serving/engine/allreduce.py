@@ -36,8 +36,8 @@ dtype or size of the message, so only block b ever writes or reads them):
 Two slots make an end barrier unnecessary: before a rank writes slot s again (call n + 2 of block b) it has
 passed call n + 1's barrier, so every peer had started call n + 1 and, kernels on a stream being in order,
 had finished reading call n's slot s (with programmatic dependent launch, pdl.py, a kernel may start before the
-one before it ends, but these kernels wait for every earlier kernel before they touch anything). The slot comes from the device counter, not from the call site, so any
-number of calls per step and any number of CUDA graph replays keep the ranks in step, provided every rank
+one before it ends, but these kernels wait for every earlier kernel before they touch anything). The slot comes
+from the device counter, not from the call site, so any number of calls per step and any number of CUDA graph replays keep the ranks in step, provided every rank
 runs the same sequence of all-reduces on one stream (as tensor parallelism does anyway). No NVLink multicast.
 The add-and-norm kernel works the same way in its own region of the buffers, one block per row (a row's RMSNorm
 needs all of it): block r owns row r's bytes, at a fixed pitch, whatever the hidden size.

@@ -39,6 +39,7 @@ except ImportError:
 # with its cache write)
 BLOCK = 64  # keys per loop iteration of a program
 WARPS = 2
+STAGES = 3  # software pipelining of the key loop (Triton's default on CUDA)
 TARGET_PROGRAMS = 4096  # split the keys until a step has about this many programs (or pieces of BLOCK keys)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -81,7 +82,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv: torc
         query, key, value, table[0], table[1], write_index, cu_q, k_start, k_used, out, part_max, part_sum, part_acc,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         table.stride(1), table.stride(2), out.stride(0), out.stride(1), scale,
-        GROUP=heads // kv_heads, D=dim, BLOCK=BLOCK, SPLITS=splits, PDL=bool(launch), num_warps=WARPS, **launch)
+        GROUP=heads // kv_heads, D=dim, BLOCK=BLOCK, SPLITS=splits, PDL=bool(launch), num_warps=WARPS,
+        num_stages=STAGES, **launch)
     if splits > 1:
         _combine[(seqs, heads)](part_max, part_sum, part_acc, cu_q, out, out.stride(0), out.stride(1),
                                 D=dim, SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits), PDL=bool(launch),

@@ -45,9 +45,12 @@ class Shape:
     keep: int
     prefill: bool
 
-    @property
-    def max_q(self) -> int | None:
-        return None if self.prefill else 1  # None: the packed length (attention.Varlen)
+    def max_q(self, max_len: int) -> int:
+        """The bound on every sequence's query tokens the graph's attention is launched with (flash's kernel has
+        a block of queries per 128 of it, for every sequence: with 129 sequences and 4,096 tokens, a bound of the
+        packed length made the layer's attention 2x slower than the slot length, bench.attention --prefill). No
+        chunk is longer than a slot: prompts are shorter (intake.py), dummy chunks are cut at max_len."""
+        return min(self.tokens, max_len) if self.prefill else 1
 
 
 class Buckets:
@@ -143,5 +146,5 @@ class StepGraphs:
 
     def _packed(self, plan: StepPlan, shape: Shape) -> Packed:
         packed = pack(pad(plan, shape, self.cache.scratch, self.cache.max_len), self.cache.max_len)
-        packed.max_q = shape.max_q
+        packed.max_q = shape.max_q(self.cache.max_len)
         return packed

@@ -86,7 +86,8 @@ def _rank(rank: int, port: int) -> None:
         assert residual.install(model) == 0  # changed layers are not changed again
 
         for width in (64, 128):  # the embeddings, and a packed stream
-            explained = torch._dynamo.explain(layers[0])(torch.randn(1, 7, width), position_embeddings=_rotary(model, 7))
+            explained = torch._dynamo.explain(layers[0])(torch.randn(1, 7, width),
+                                                         position_embeddings=_rotary(model, 7))
             assert explained.graph_break_count == 0, explained.break_reasons
         group = layers[0]._tpserve_group_name
         x, res, weight = torch.randn(3, 64), torch.randn(3, 64), torch.rand(64)
