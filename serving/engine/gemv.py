@@ -12,6 +12,8 @@ once, in tiles that are whole rows of cache lines, with enough blocks in flight 
           cores (the products cost nothing next to the weight reads)
 
 Blocks split N only, never K, so no partial sums are combined across blocks (no atomics, no second kernel).
+On Hopper both launch with programmatic dependent launch (pdl.py): the row kernel reads its first weight tile
+before it waits for the kernel before it.
 
     install(model)         nn.Linear modules of `model` project through tpserve::linear (FusedLinear and the
                            one-shot all-reduce's LinearAllreduce call `linear` themselves)
