@@ -8,10 +8,16 @@ and v_proj one after another on the same hidden states), so each projection beco
 product: the first of a group to be called with an input computes the whole product, the others take their
 columns of it. The fused weight replaces the separate ones (no extra memory).
 
+A gated MLP of transformers' Llama family (`down_proj(silu(gate_proj(x)) * up_proj(x))`) goes further: its gate
+and up rows are interleaved into one weight, and its forward becomes `down_proj(gemv.linear_silu_mul(x, weight))`,
+whose kernels apply silu(gate) * up to each pair of outputs before they leave the registers (gemv.py): no
+[..., 2 x intermediate] product in memory and no kernel of its own for the activation.
+
 Works on plain nn.Linear and on DeepSpeed AutoTP's column-parallel LinearLayer (whose forward is a plain matmul
 of the rank's shard: its ColumnParallel step is an identity outside autograd). Anything else is left alone.
 """
 import logging
+import types
 
 import torch
 from torch import nn
@@ -20,6 +26,9 @@ from serving.engine import gemv
 
 log = logging.getLogger("tpserve.engine.fuse")
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)), and the SiLU activations
+SILU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
+SILUS = ("SiLUActivation", "SiLU")
 
 
 class FusedLinear(nn.Module):
@@ -64,6 +73,10 @@ def fuse_projections(model: nn.Module) -> int:
     """Fuse every group found; returns how many were fused."""
     fused = 0
     for module in list(model.modules()):
+        if _silu_mlp(module):
+            _fuse_silu_mlp(module)
+            fused += 1
+            continue
         for names in GROUPS:
             parts = [getattr(module, name, None) for name in names]
             if not all(_plain_linear(part) for part in parts):
@@ -78,8 +91,35 @@ def fuse_projections(model: nn.Module) -> int:
                 setattr(module, name, FusedPart(group, index, weights[0].shape[1]))
             fused += 1
     if fused:
-        log.info("fused %d groups of projections (q/k/v, gate/up) into one matmul each", fused)
+        log.info("fused %d groups of projections (q/k/v; gate/up, with SiLU where the MLP is Llama's) into one "
+                 "matmul each", fused)
     return fused
+
+
+def _silu_mlp(module: nn.Module) -> bool:
+    if type(module).__name__ not in SILU_MLPS or not type(module).__module__.startswith("transformers."):
+        return False
+    if "forward" in vars(module) or type(getattr(module, "act_fn", None)).__name__ not in SILUS:
+        return False
+    gate, up = getattr(module, "gate_proj", None), getattr(module, "up_proj", None)
+    return (_plain_linear(gate) and _plain_linear(up) and getattr(module, "down_proj", None) is not None
+            and gate.bias is None and up.bias is None and gate.weight.shape == up.weight.shape
+            and gate.weight.dtype == up.weight.dtype and gate.weight.device == up.weight.device)
+
+
+def _fuse_silu_mlp(module: nn.Module) -> None:
+    """gate and up rows interleaved into one weight (no extra memory: the separate ones go), and the forward that
+    takes silu(gate) * up from it."""
+    gate, up = module.gate_proj.weight, module.up_proj.weight
+    with torch.no_grad():
+        module.gate_up_weight = nn.Parameter(torch.stack([gate, up], dim=1).reshape(-1, gate.shape[1]),
+                                             requires_grad=False)
+    del module.gate_proj, module.up_proj
+    module.forward = types.MethodType(_silu_mlp_forward, module)
+
+
+def _silu_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(gemv.linear_silu_mul(x, self.gate_up_weight))
 
 
 def _plain_linear(module) -> bool:

@@ -19,6 +19,9 @@ before it waits for the kernel before it.
                            one-shot all-reduce's LinearAllreduce call `linear` themselves)
     linear(x, w, b)        x @ w.T + b: the op for at most MAX_ROWS rows where the kernels are installed,
                            F.linear otherwise
+    linear_silu_mul(x, w)  silu(gate) * up of a gated MLP whose gate and up rows are interleaved in w (fuse.py):
+                           the same kernels with a SiLU epilogue on each (gate, up) pair of outputs, so the
+                           activation is no kernel of its own (tpserve::linear_silu_mul)
     torch.ops.tpserve.linear  the op: one opaque kernel to Inductor, capturable in CUDA graphs
 
 Installed only on CUDA devices with Triton, for fp16 and bf16 weights, after a self-check against F.linear, and
@@ -56,6 +59,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # set by install(): a rank serves one model on one device, so one switch says whether its projections take the
 # op (a plain global, which Dynamo guards on like a constant)
 _enabled = False
+_epilogue = False  # the kernels' SiLU epilogue passed install's self-check too
 _max_rows = MAX_ROWS
 
 
@@ -89,6 +93,32 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, where `weight` holds a gated MLP's gate and up rows interleaved (row 2j gate j, row 2j + 1
+    up j; fuse.py builds it): [..., N / 2]. Through the kernels' SiLU epilogue where they are installed and the
+    rows are few (no [..., N] product in memory, no kernel of its own), else F.linear and the same arithmetic."""
+    if _enabled and x.numel() <= _max_rows * x.shape[-1]:
+        if _epilogue:
+            return torch.ops.tpserve.linear_silu_mul(x, weight)
+        both = torch.ops.tpserve.linear(x, weight, None)
+    else:
+        both = F.linear(x, weight)
+    return F.silu(both[..., 0::2]) * both[..., 1::2]
+
+
+@torch.library.custom_op("tpserve::linear_silu_mul", mutates_args=())
+def linear_silu_mul_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    k = x.shape[-1]
+    flat = x.reshape(-1, k)
+    out = project(flat if flat.stride(-1) == 1 else flat.contiguous(), weight, act=True)
+    return out.view(*x.shape[:-1], weight.shape[0] // 2)
+
+
+@linear_silu_mul_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0] // 2)
+
+
 @torch.library.custom_op("tpserve::linear", mutates_args=())
 def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., K] @ weight [N, K].T (+ bias [N]) as a new [..., N] tensor, by the streaming kernel."""
@@ -105,25 +135,28 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def project(x: torch.Tensor, weight: torch.Tensor, config: Config | None = None) -> torch.Tensor:
-    """x [M, K] (unit stride along K) @ weight [N, K].T -> [M, N], by the kernel `config` (or pick()) names."""
+def project(x: torch.Tensor, weight: torch.Tensor, config: Config | None = None, act: bool = False) -> torch.Tensor:
+    """x [M, K] (unit stride along K) @ weight [N, K].T -> [M, N], by the kernel `config` (or pick()) names.
+    With `act`, the N outputs are (gate, up) pairs and the result is silu(gate) * up, [M, N / 2]: each product
+    rounded to x's dtype first, as the unfused MLP's would be, then the SiLU and the product in fp32."""
     m, k = x.shape
     n = weight.shape[0]
     config = config or pick(m, n, k)
-    out = x.new_empty(m, n)
+    assert not act or (n % 2 == 0 and config.block_n % 2 == 0), "pairs of outputs, whole in every block"
+    out = x.new_empty(m, n // 2 if act else n)
     grid = (triton.cdiv(n, config.block_n),)
     even = n % config.block_n == 0 and k % config.block_k == 0
     launch = pdl.launch(x.device)
     if config.kernel == "row":
         assert m == 1, "the row kernel takes one row"
         _gemv_row_kernel[grid](x, weight, out, n, k, weight.stride(0), BLOCK_N=config.block_n,
-                               BLOCK_K=config.block_k, EVEN=even, PDL=bool(launch), num_warps=config.warps,
+                               BLOCK_K=config.block_k, EVEN=even, ACT=act, PDL=bool(launch), num_warps=config.warps,
                                num_stages=config.stages, **launch)
     else:
         assert m <= config.block_m, f"{m} rows in a tile of {config.block_m}"
         _gemv_dot_kernel[grid](x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
                                BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN=even,
-                               PDL=bool(launch), num_warps=config.warps, num_stages=config.stages, **launch)
+                               ACT=act, PDL=bool(launch), num_warps=config.warps, num_stages=config.stages, **launch)
     return out
 
 
@@ -134,7 +167,7 @@ def install(model: nn.Module, max_rows: int | None = None) -> int:
 
     Each module keeps its class and parameters; only its forward is replaced, on the instance (as allreduce.py
     does, for the same reasons)."""
-    global _enabled, _max_rows
+    global _enabled, _epilogue, _max_rows
     weight = next(model.parameters())
     reason = unavailable(weight.device, weight.dtype)
     if reason is None:
@@ -142,6 +175,10 @@ def install(model: nn.Module, max_rows: int | None = None) -> int:
     if reason is not None:
         log.info("projections through cuBLAS (F.linear): %s", reason)
         return 0
+    failed = _self_check(weight.device, weight.dtype, act=True)
+    _epilogue = failed is None
+    if failed is not None:  # the plain kernels still serve; SiLU runs as its own kernel after the product
+        log.warning("the projections' SiLU epilogue is off: %s", failed)
     _max_rows = max_rows or int(os.environ.get("TPSERVE_GEMV_MAX_ROWS", MAX_ROWS))
     _enabled = True
     changed = 0
@@ -174,20 +211,24 @@ def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def _self_check(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Both kernels against F.linear on random data (an uneven shape, to cover the masked tiles); the reason
-    they fail, or None."""
+def _self_check(device: torch.device, dtype: torch.dtype, act: bool = False) -> str | None:
+    """Both kernels against F.linear on random data (an uneven shape, to cover the masked tiles), or with `act`
+    their SiLU epilogue against F.silu(gate) * up; the reason they fail, or None."""
     try:
         gen = torch.Generator(device=device).manual_seed(0)
         weight = torch.randn(96, 320, generator=gen, device=device).to(dtype) / 16
         for rows in (1, 3):
             x = torch.randn(rows, 320, generator=gen, device=device).to(dtype)
             want = F.linear(x.float(), weight.float())
-            got = project(x, weight, Config("row" if rows == 1 else "dot", 32, 128, block_m=16)).float()
+            config = Config("row" if rows == 1 else "dot", 32, 128, block_m=16)
+            if act:
+                want = F.silu(want[:, 0::2]) * want[:, 1::2]
+            got = project(x, weight, config, act=act).float()
             error = (got - want).abs().max().item()
             if error > 1e-2 * max(want.abs().max().item(), 1.0):
-                return f"self-check failed: {rows} rows differ from F.linear by {error:.3g}"
-    except Exception as error:  # a Triton or driver that cannot build the kernels: stay on cuBLAS
+                return (f"self-check failed: {rows} rows{' with silu(gate) * up' if act else ''} differ from "
+                        f"F.linear by {error:.3g}")
+    except Exception as error:  # a Triton or driver that cannot build the kernels: stay on cuBLAS (or plain SiLU)
         return f"self-check failed: {type(error).__name__}: {error}"
     return None
 
@@ -199,7 +240,7 @@ def _linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
 if triton is not None:
     @triton.jit
     def _gemv_row_kernel(x, w, y, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
-                         PDL: tl.constexpr):
+                         ACT: tl.constexpr, PDL: tl.constexpr):
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.arange(0, BLOCK_K)
         w_ptrs = w + n[:, None].to(tl.int64) * stride_w + k[None, :]
@@ -227,11 +268,17 @@ if triton is not None:
             else:
                 a = tl.load(w_ptrs, mask=(n[:, None] < N) & following[None, :], other=0.0,
                             eviction_policy="evict_first")
-        tl.store(y + n, tl.sum(acc, axis=1).to(y.dtype.element_ty), mask=n < N)
+        result = tl.sum(acc, axis=1).to(y.dtype.element_ty)
+        if ACT:
+            gate, up = tl.split(tl.reshape(result.to(tl.float32), (BLOCK_N // 2, 2)))
+            half = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            tl.store(y + half, _silu_mul(gate, up).to(y.dtype.element_ty), mask=half < N // 2)
+        else:
+            tl.store(y + n, result, mask=n < N)
 
     @triton.jit
     def _gemv_dot_kernel(x, w, y, M, N, K, stride_x, stride_w, stride_y, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr):
+                         BLOCK_K: tl.constexpr, EVEN: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr):
         if PDL:  # no weights read ahead: Triton's software pipelining owns this loop's loads
             gdc_wait()
             gdc_launch_dependents()
@@ -252,5 +299,18 @@ if triton is not None:
             acc = tl.dot(a, tl.trans(b), acc)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
-        tl.store(y + m[None, :] * stride_y + n[:, None], acc.to(y.dtype.element_ty),
-                 mask=(m[None, :] < M) & (n[:, None] < N))
+        if ACT:
+            pairs = tl.permute(tl.reshape(acc.to(y.dtype.element_ty).to(tl.float32), (BLOCK_N // 2, 2, BLOCK_M)),
+                               (0, 2, 1))
+            gate, up = tl.split(pairs)
+            half = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            tl.store(y + m[None, :] * stride_y + half[:, None], _silu_mul(gate, up).to(y.dtype.element_ty),
+                     mask=(m[None, :] < M) & (half[:, None] < N // 2))
+        else:
+            tl.store(y + m[None, :] * stride_y + n[:, None], acc.to(y.dtype.element_ty),
+                     mask=(m[None, :] < M) & (n[:, None] < N))
+
+    @triton.jit
+    def _silu_mul(gate, up):
+        """silu(gate) * up in fp32, as torch computes F.silu (x / (1 + exp(-x)))."""
+        return gate / (1.0 + tl.exp(-gate)) * up

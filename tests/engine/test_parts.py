@@ -195,3 +195,25 @@ def test_fused_projections_compute_what_the_separate_ones_did():
     for x in (torch.randn(3, 8), torch.randn(1, 5, 8)):  # each new input gets its own product
         assert torch.allclose(layer(x), separate(x), atol=1e-6)
     assert sum(p.numel() for p in layer.parameters()) == (8 + 4 + 4) * 9 + 8 * 9  # weights held once
+
+
+def test_a_llama_mlp_takes_silu_of_interleaved_gate_and_up_rows():
+    import copy
+
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from serving.engine.fuse import fuse_projections
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=24, num_attention_heads=2, hidden_act="silu")).eval()
+    separate = copy.deepcopy(mlp)
+    assert fuse_projections(mlp) == 1
+    assert not hasattr(mlp, "gate_proj") and mlp.gate_up_weight.shape == (48, 16)
+    assert torch.equal(mlp.gate_up_weight[0::2], separate.gate_proj.weight)  # row 2j gate j, row 2j + 1 up j
+    assert sum(p.numel() for p in mlp.parameters()) == sum(p.numel() for p in separate.parameters())
+    with torch.no_grad():
+        for x in (torch.randn(3, 16), torch.randn(1, 5, 16)):
+            assert torch.allclose(mlp(x), separate(x), atol=1e-6)
+    gelu = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=24, num_attention_heads=2, hidden_act="gelu"))
+    assert fuse_projections(gelu) == 1 and "forward" not in vars(gelu)  # other activations: gate/up fused only
