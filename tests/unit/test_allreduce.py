@@ -2,17 +2,13 @@
 two real gloo ranks where install() reroutes DeepSpeed AutoTP's LinearAllreduce through tpserve::all_reduce and
 the output stays what DeepSpeed's own all-reduce gave. The one-shot kernel itself needs GPUs:
 `torchrun --nproc-per-node N -m bench.allreduce` checks it there."""
-import os
-import socket
-import time
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from serving.engine import allreduce
+from tests.unit import gloo_ranks
 
 RANKS = 2
 IN_FEATURES, OUT_FEATURES = 16, 8
@@ -33,16 +29,7 @@ def test_install_changes_nothing_without_a_process_group():
 
 
 def test_two_gloo_ranks_reduce_through_the_op_with_deepspeeds_result():
-    port = _free_port()
-    context = mp.start_processes(_rank, args=(port,), nprocs=RANKS, join=False, start_method="spawn")
-    deadline = time.monotonic() + 120
-    try:
-        while not context.join(timeout=1):
-            assert time.monotonic() < deadline, "the two ranks did not finish in 120 s"
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    gloo_ranks.run(_rank, RANKS, timeout=120)
 
 
 class Layer(nn.Module):
@@ -59,37 +46,29 @@ class Layer(nn.Module):
         return self.o_proj(x)
 
 
-def _rank(rank: int, port: int) -> None:
-    """One rank: DeepSpeed's communication over gloo as serving/rank sets it up, then a layer built as AutoTP
-    builds it (the constructor cuts this rank's columns of each weight)."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(RANKS), LOCAL_SIZE=str(RANKS),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    import deepspeed
+def _rank(rank: int) -> None:
+    """One rank (gloo_ranks sets up DeepSpeed's communication): a layer built as AutoTP builds it (the
+    constructor cuts this rank's columns of each weight)."""
     import torch.distributed as dist
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
-    try:
-        torch.manual_seed(0)  # the same full weights and input on both ranks
-        full = _integer_linear(bias=True)
-        x = torch.randint(-3, 4, (3, IN_FEATURES)).float()
-        torch.manual_seed(0)
-        layer = Layer(dist.new_group(list(range(RANKS))))
-        shard = x.chunk(RANKS, dim=-1)[rank]  # the input features this rank's o_proj columns take
+    torch.manual_seed(0)  # the same full weights and input on both ranks
+    full = _integer_linear(bias=True)
+    x = torch.randint(-3, 4, (3, IN_FEATURES)).float()
+    torch.manual_seed(0)
+    layer = Layer(dist.new_group(list(range(RANKS))))
+    shard = x.chunk(RANKS, dim=-1)[rank]  # the input features this rank's o_proj columns take
 
-        before = layer(shard)
-        assert allreduce.install(layer) == 1
-        assert "forward" in vars(layer.o_proj) and "forward" not in vars(layer.head)
-        after = layer(shard)
-        assert torch.equal(after, before)  # integer values: any summation order gives the same floats
-        assert torch.equal(after, full(x))
+    before = layer(shard)
+    assert allreduce.install(layer) == 1
+    assert "forward" in vars(layer.o_proj) and "forward" not in vars(layer.head)
+    after = layer(shard)
+    assert torch.equal(after, before)  # integer values: any summation order gives the same floats
+    assert torch.equal(after, full(x))
 
-        explained = torch._dynamo.explain(layer)(shard)
-        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
-        assert allreduce.install(layer) == 0  # once is enough: patched modules are not patched again
-        # the op's registration as torch checks custom ops: schema, fake against real, autograd, AOT dispatch
-        torch.library.opcheck(torch.ops.tpserve.all_reduce.default, (x.t(), layer.o_proj.mp_group.group_name))
-    finally:
-        dist.destroy_process_group()
+    explained = torch._dynamo.explain(layer)(shard)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    assert allreduce.install(layer) == 0  # once is enough: patched modules are not patched again
+    # the op's registration as torch checks custom ops: schema, fake against real, autograd, AOT dispatch
+    torch.library.opcheck(torch.ops.tpserve.all_reduce.default, (x.t(), layer.o_proj.mp_group.group_name))
 
 
 def _integer_linear(bias: bool) -> nn.Linear:
@@ -98,9 +77,3 @@ def _integer_linear(bias: bool) -> nn.Linear:
         for parameter in linear.parameters():
             parameter.copy_(torch.randint(-3, 4, parameter.shape))
     return linear
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

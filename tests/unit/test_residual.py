@@ -4,15 +4,10 @@ and the norm after it). Its logits must equal the unchanged AutoTP model's exact
 forward: the unfused one CPUs take, and the fused ops' own CPU path (which CUDA ranks take for steps too large
 for the one-shot kernel). The one-shot kernel itself needs GPUs: its self-check runs at set-up there
 (allreduce.OneShot.check), and bench/tp_step.py compares the logits of TP=1 and TP=2 on them."""
-import os
-import socket
-import time
-
-import pytest
 import torch
-import torch.multiprocessing as mp
 
 from serving.engine import allreduce, residual
+from tests.unit import gloo_ranks
 
 RANKS = 2
 
@@ -36,76 +31,49 @@ def test_install_leaves_a_single_rank_model_alone():
 
 
 def test_two_gloo_ranks_keep_autotps_logits_with_the_layers_changed():
-    port = _free_port()
-    context = mp.start_processes(_rank, args=(port,), nprocs=RANKS, join=False, start_method="spawn")
-    deadline = time.monotonic() + 180
-    try:
-        while not context.join(timeout=1):
-            assert time.monotonic() < deadline, "the two ranks did not finish in 180 s"
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    gloo_ranks.run(_rank, RANKS, timeout=180)
 
 
-def _rank(rank: int, port: int) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(RANKS), LOCAL_SIZE=str(RANKS),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _rank(rank: int) -> None:
     import deepspeed
-    import torch.distributed as dist
     from transformers import LlamaConfig, LlamaForCausalLM
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
-    try:
-        torch.manual_seed(0)  # the same full weights on both ranks, as loading them does
-        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-5)
-        model = LlamaForCausalLM(config).eval()
-        model = deepspeed.init_inference(model, tensor_parallel={"tp_size": RANKS}, dtype=torch.float32,
-                                         replace_with_kernel_inject=False).module
-        ids = torch.randint(0, 128, (1, 7))
-        with torch.no_grad():
-            before = model(ids).logits
+    torch.manual_seed(0)  # the same full weights on both ranks, as loading them does
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-5)
+    model = LlamaForCausalLM(config).eval()
+    model = deepspeed.init_inference(model, tensor_parallel={"tp_size": RANKS}, dtype=torch.float32,
+                                     replace_with_kernel_inject=False).module
+    ids = torch.randint(0, 128, (1, 7))
+    with torch.no_grad():
+        before = model(ids).logits
 
-        assert allreduce.install(model) == 4  # o_proj and down_proj of two layers
-        assert residual.install(model) == 2
-        layers = model.model.layers
-        assert all("forward" in vars(layer) and layer._tpserve_fused_rows == 0 for layer in layers)  # CPU: unfused
-        assert all(layer.self_attn.o_proj._tpserve_partial and layer.mlp.down_proj._tpserve_partial
-                   for layer in layers)
-        assert layers[0]._tpserve_next_norm[0] is layers[1].input_layernorm
-        assert layers[1]._tpserve_next_norm[0] is model.model.norm and "forward" in vars(model.model.norm)
-        with torch.no_grad():
-            assert torch.equal(model(ids).logits, before)
-            # the packed stream, through the fused op's own path for steps the one-shot kernel does not take
-            for layer in layers:
-                layer._tpserve_fused_rows = allreduce.GRID
-            packed = layers[0](model.model.embed_tokens(ids), position_embeddings=_rotary(model, 7))
-            assert packed.shape[-1] == 2 * 64
-            assert torch.equal(model(ids).logits, before)
-        assert residual.install(model) == 0  # changed layers are not changed again
+    assert allreduce.install(model) == 4  # o_proj and down_proj of two layers
+    assert residual.install(model) == 2
+    layers = model.model.layers
+    assert all("forward" in vars(layer) and layer._tpserve_fused_rows == 0 for layer in layers)  # CPU: unfused
+    assert all(layer.self_attn.o_proj._tpserve_partial and layer.mlp.down_proj._tpserve_partial
+               for layer in layers)
+    assert layers[0]._tpserve_next_norm[0] is layers[1].input_layernorm
+    assert layers[1]._tpserve_next_norm[0] is model.model.norm and "forward" in vars(model.model.norm)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+        # the packed stream, through the fused op's own path for steps the one-shot kernel does not take
+        for layer in layers:
+            layer._tpserve_fused_rows = allreduce.GRID
+        packed = layers[0](model.model.embed_tokens(ids), position_embeddings=_rotary(model, 7))
+        assert packed.shape[-1] == 2 * 64
+        assert torch.equal(model(ids).logits, before)
+    assert residual.install(model) == 0  # changed layers are not changed again
 
-        for width in (64, 128):  # the embeddings, and a packed stream
-            explained = torch._dynamo.explain(layers[0])(torch.randn(1, 7, width),
-                                                         position_embeddings=_rotary(model, 7))
-            assert explained.graph_break_count == 0, explained.break_reasons
-        group = layers[0]._tpserve_group_name
-        x, res, weight = torch.randn(3, 64), torch.randn(3, 64), torch.rand(64)
-        torch.library.opcheck(torch.ops.tpserve.all_reduce_add_rms_norm.default, (x, res, weight, 1e-5, group))
-    finally:
-        dist.destroy_process_group()
+    for width in (64, 128):  # the embeddings, and a packed stream
+        explained = torch._dynamo.explain(layers[0])(torch.randn(1, 7, width),
+                                                     position_embeddings=_rotary(model, 7))
+        assert explained.graph_break_count == 0, explained.break_reasons
+    group = layers[0]._tpserve_group_name
+    x, res, weight = torch.randn(3, 64), torch.randn(3, 64), torch.rand(64)
+    torch.library.opcheck(torch.ops.tpserve.all_reduce_add_rms_norm.default, (x, res, weight, 1e-5, group))
 
 
 def _rotary(model, length: int):
     positions = torch.arange(length)[None]
     return model.model.rotary_emb(torch.zeros(1, length, 64), positions)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-if __name__ == "__main__":
-    pytest.main([__file__, "-q"])
