@@ -37,8 +37,9 @@ Two slots make an end barrier unnecessary: before a rank writes slot s again (ca
 passed call n + 1's barrier, so every peer had started call n + 1 and, kernels on a stream being in order,
 had finished reading call n's slot s (with programmatic dependent launch, pdl.py, a kernel may start before the
 one before it ends, but these kernels wait for every earlier kernel before they touch anything). The slot comes
-from the device counter, not from the call site, so any number of calls per step and any number of CUDA graph replays keep the ranks in step, provided every rank
-runs the same sequence of all-reduces on one stream (as tensor parallelism does anyway). No NVLink multicast.
+from the device counter, not from the call site, so any number of calls per step and any number of CUDA graph
+replays keep the ranks in step, provided every rank runs the same sequence of all-reduces on one stream (as
+tensor parallelism does anyway). No NVLink multicast.
 The add-and-norm kernel works the same way in its own region of the buffers, one block per row (a row's RMSNorm
 needs all of it): block r owns row r's bytes, at a fixed pitch, whatever the hidden size.
 """
@@ -175,7 +176,7 @@ def prepare(group: dist.ProcessGroup, device: torch.device, max_bytes: int | Non
         return f"no one-shot kernel on {device.type}: DeepSpeed's all-reduce where it is set up, else the group's"
     if device.index is None:
         device = torch.device(device.type, torch.cuda.current_device())
-    key = (group.group_name, device.index)
+    key = _key(group.group_name, device)
     if key not in _STATES:
         max_bytes = max_bytes or int(os.environ.get("TPSERVE_ALLREDUCE_MAX_BYTES", MAX_BYTES))
         state, reason = _set_up(group, device, max_bytes)
@@ -188,10 +189,7 @@ def prepare(group: dist.ProcessGroup, device: torch.device, max_bytes: int | Non
 def rows_limit(group_name: str, device: torch.device) -> int:
     """The most rows the add-and-norm kernel takes for `group_name` on `device` (after prepare): GRID where the
     one-shot path is set up, else 0 (every reduction over NCCL, or on CPU)."""
-    index = device.index if device.type == "cuda" else None
-    if device.type == "cuda" and index is None:
-        index = torch.cuda.current_device()
-    return GRID if _STATES.get((group_name, index)) is not None else 0
+    return GRID if device.type == "cuda" and _STATES.get(_key(group_name, device)) is not None else 0
 
 
 def release() -> None:
@@ -273,13 +271,11 @@ class OneShot:
                 if not bool((self(x) == expected).all()):
                     raise RuntimeError(f"wrong sums in {dtype} (call {call})")
                 rows = 3 + call  # an uneven hidden size: the kernel's masked lanes
-                mine = (torch.arange(rows * 1000, device=device) % 7 - 3).view(rows, 1000).to(dtype) * (self.rank + 1)
+                pattern = (torch.arange(rows * 1000, device=device) % 7 - 3).view(rows, 1000).to(dtype)
                 residual = torch.linspace(-2, 2, rows * 1000, device=device).view(rows, 1000).to(dtype)
                 weight = torch.linspace(0.5, 1.5, 1000, device=device).to(dtype)
-                total = (torch.arange(rows * 1000, device=device) % 7 - 3).view(rows, 1000).to(dtype) * sum(
-                    rank + 1 for rank in range(self.world))
-                want_h = residual + total
-                h, normed = self.rows(mine, residual, weight, 1e-5).split(1000, dim=-1)
+                want_h = residual + pattern * sum(rank + 1 for rank in range(self.world))
+                h, normed = self.rows(pattern * (self.rank + 1), residual, weight, 1e-5).split(1000, dim=-1)
                 if not bool((h == want_h).all()):
                     raise RuntimeError(f"wrong residual sums in {dtype} (call {call})")
                 error = (normed.float() - rms_norm(want_h, weight, 1e-5).float()).abs().max().item()
@@ -302,12 +298,11 @@ class OneShot:
         numel = x.numel()
         if numel == 0:
             return out
-        views = self._views_of(CHUNKS, x.dtype)
+        peers = self._peers(CHUNKS, x.dtype)
         block = CHUNK_BYTES // x.element_size()
-        peers = views + [views[self.rank]] * (MAX_WORLD - self.world)  # unused arguments: never read
         grid = (min(triton.cdiv(numel, block), GRID),)
         launch = pdl.launch(x.device)
-        _one_shot_kernel[grid](x, out, views[self.rank], *peers, self.flag_addresses, self.flags, self.counters[CHUNKS],
+        _one_shot_kernel[grid](x, out, peers[self.rank], *peers, self.flag_addresses, self.flags, self.counters[CHUNKS],
                                numel, self.slot_bytes // x.element_size(), RANK=self.rank, WORLD=self.world,
                                PEERS=triton.next_power_of_2(self.world), BLOCK=block, GRID=GRID, PDL=bool(launch),
                                num_warps=4, **launch)
@@ -326,32 +321,39 @@ class OneShot:
         rows = x.numel() // hidden
         if rows == 0:
             return out
-        views = self._views_of(ROWS, x.dtype)
-        peers = views + [views[self.rank]] * (MAX_WORLD - self.world)
+        peers = self._peers(ROWS, x.dtype)
         launch = pdl.launch(x.device)
         block_h = triton.next_power_of_2(hidden)
         _one_shot_rows_kernel[(rows,)](
-            x, res, res.stride(0), weight, out, views[self.rank], *peers,
+            x, res, res.stride(0), weight, out, peers[self.rank], *peers,
             self.flag_addresses, self.flags, self.counters[ROWS], hidden, eps, ROW_PITCH // x.element_size(),
             self.row_slot_bytes // x.element_size(), RANK=self.rank, WORLD=self.world,
             PEERS=triton.next_power_of_2(self.world), BLOCK_H=block_h, GRID=GRID,
             PDL=bool(launch), num_warps=4 if block_h <= 4096 else 8, **launch)
         return out
 
-    def _views_of(self, region: int, dtype: torch.dtype) -> list[torch.Tensor]:
-        views = self._views.get((region, dtype))
-        if views is None:
+    def _peers(self, region: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Every rank's data slots of `region` as `dtype`, in rank order, padded to the kernels' MAX_WORLD
+        arguments with this rank's (never read)."""
+        peers = self._views.get((region, dtype))
+        if peers is None:
             slots = self.slots if region == CHUNKS else self.row_slots
-            views = self._views[(region, dtype)] = [slot.view(dtype) for slot in slots]
-        return views
+            peers = [slot.view(dtype) for slot in slots]
+            peers = self._views[(region, dtype)] = peers + [peers[self.rank]] * (MAX_WORLD - self.world)
+        return peers
 
 
-_STATES: dict[tuple[str, int | None], OneShot | None] = {}
-_PATHS: dict[tuple[str, int | None], str] = {}
+_STATES: dict[tuple[str, int], OneShot | None] = {}
+_PATHS: dict[tuple[str, int], str] = {}
+
+
+def _key(group_name: str, device: torch.device) -> tuple[str, int]:
+    """A group's one-shot state on a CUDA device (the current one where the device names no index)."""
+    return group_name, device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _one_shot_for(group: dist.ProcessGroup, device: torch.device) -> OneShot | None:
-    key = (group.group_name, device.index)
+    key = _key(group.group_name, device)
     if key not in _STATES:
         if torch.cuda.is_current_stream_capturing():  # no collective set-up inside a capture: NCCL is captured
             return None
