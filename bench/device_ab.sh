@@ -8,11 +8,7 @@
 #   bash bench/device_ab.sh OUT_DIR        (QUICK=1: TP=1 with PDL, TP=2 with neither and with both, only)
 set -uo pipefail
 out=${1:?usage: device_ab.sh OUT_DIR}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-model=/tmp/tpserve-gpu/llama7b
-[ -f $model/config.json ] || python3 -c "from pathlib import Path; from bench.gpu_tp import build_model; build_model(Path('$model'), Path('.gpu/tokenizer'))"
+. "$(dirname "$0")/device_env.sh"  # wheels, path, the model in $model
 step() {  # TP NAME [ENV=VALUE ...]
   local n=$1 name=$2; shift 2
   env "$@" timeout 200 python3 -m torch.distributed.run --nproc-per-node "$n" --master-port $((29500 + n)) \

@@ -7,11 +7,5 @@
 # --platform manylinux_2_31_x86_64 -d .whl llguidance==1.9.1`) and .gpu/tokenizer (SmolLM2's tokenizer files).
 set -euo pipefail
 out=${1:?usage: device_run.sh OUT_DIR [args]}; shift
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-model=/tmp/tpserve-gpu/llama7b
-if [ ! -f $model/config.json ]; then
-  python3 -c "from pathlib import Path; from bench.gpu_tp import build_model; build_model(Path('$model'), Path('.gpu/tokenizer'))"
-fi
+. "$(dirname "$0")/device_env.sh"  # wheels, path, the model in $model
 python3 -m bench.serve --model-dir $model "$@" 2>&1 | tee $out/serve.log

@@ -8,17 +8,13 @@
 #   bash bench/device_step.sh OUT_DIR
 set -uo pipefail
 out=${1:?usage: device_step.sh OUT_DIR}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+. "$(dirname "$0")/device_env.sh"  # wheels, path, the model in $model
 if [ "${SWEEP:-0}" = 1 ]; then
   timeout 330 python3 -m bench.gemv --tp 1 --tp 2 --tp 4 --rows 1 --rows 4 --rows 16 --sweep --out "$out/gemv_sweep.json" \
     2>&1 | grep "rows"
 else
   timeout 120 python3 -m bench.gemv --tp 1 --tp 2 --tp 4 --rows 1 --rows 4 --out "$out/gemv.json" 2>&1 | grep "rows"
 fi
-model=/tmp/tpserve-gpu/llama7b
-[ -f $model/config.json ] || python3 -c "from pathlib import Path; from bench.gpu_tp import build_model; build_model(Path('$model'), Path('.gpu/tokenizer'))"
 step() {  # NAME, then environment assignments
   local name=$1; shift
   env "$@" timeout 150 python3 -m torch.distributed.run --nproc-per-node 1 -m bench.tp_step --model-dir $model \

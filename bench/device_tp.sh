@@ -7,13 +7,9 @@
 set -uo pipefail
 out=${1:?usage: device_tp.sh OUT_DIR [TP ...]}; shift
 tps=${*:-4 2 1}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+. "$(dirname "$0")/device_env.sh"  # wheels, path, the model in $model
 run() { local n=$1; shift; timeout 240 python3 -m torch.distributed.run --nproc-per-node "$n" "$@"; echo "rc=$? ($n ranks: $*)"; }
 for n in $tps; do [ "$n" -gt 1 ] && run "$n" -m bench.allreduce --out "$out/allreduce_tp$n.json" 2>&1 | tail -60; done
-model=/tmp/tpserve-gpu/llama7b
-[ -f $model/config.json ] || python3 -c "from pathlib import Path; from bench.gpu_tp import build_model; build_model(Path('$model'), Path('.gpu/tokenizer'))"
 logits=()
 for n in $tps; do
   run "$n" -m bench.tp_step --model-dir $model --out "$out/tp_step_tp$n.json" --logits "/tmp/logits_tp$n.pt" 2>&1 | grep -v "^\[" | tail -50
