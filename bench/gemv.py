@@ -40,8 +40,13 @@ def candidates(rows: int) -> list[Config]:
         return [Config("row", n, k, warps, stages) for n, k, warps, stages in
                 itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8), (1, 3))]
     block_m = max(16, 1 << (rows - 1).bit_length())
+    if rows <= 16:
+        return [Config("dot", n, k, warps, stages, block_m) for n, k, warps, stages in
+                itertools.product((16, 32, 64), (128, 256, 512), (4,), (3, 5))]
+    # more rows: the input tile is re-read from L2 by every block, so wider weight tiles pay it less often but leave
+    # fewer blocks for the narrow projections (o_proj: 4096 / block_n); shapes that exceed shared memory just fail
     return [Config("dot", n, k, warps, stages, block_m) for n, k, warps, stages in
-            itertools.product((16, 32, 64), (128, 256, 512), (4,), (3, 5))]
+            itertools.product((16, 32, 64, 128), (64, 128, 256), (4, 8), (3, 4, 6))]
 
 
 def time_us(fn, weights: list[torch.Tensor]) -> float:

@@ -12,6 +12,7 @@ the real and the padded token counts. It tells what the 64-stream throughput is 
 """
 import argparse
 import collections
+import gc
 import threading
 import time
 
@@ -126,6 +127,14 @@ def mixed(h, model_dir: str, concurrency: int, output_len: int) -> dict:
                     return
                 text, _ = queue.pop()
             h.wait(h.submit({**body, "inputs": text}), timeout=600)
+    pauses = []  # Python's garbage collections during the run: (generation, start, seconds)
+
+    def collection(phase, info, begun=[0.0]):
+        if phase == "start":
+            begun[0] = time.perf_counter()
+        else:
+            pauses.append((info["generation"], begun[0], time.perf_counter() - begun[0]))
+    gc.callbacks.append(collection)
     origin = torch.cuda.Event(enable_timing=True)
     origin.record()
     started = time.perf_counter()
@@ -135,6 +144,7 @@ def mixed(h, model_dir: str, concurrency: int, output_len: int) -> dict:
     for thread in clients:
         thread.join()
     wall = time.perf_counter() - started
+    gc.callbacks.remove(collection)
     StepGraphs.run = real_run
     torch.cuda.synchronize()
     kinds: dict = collections.defaultdict(lambda: {"steps": 0, "gpu_ms": 0.0, "tokens": 0, "padded_tokens": 0})
@@ -156,7 +166,11 @@ def mixed(h, model_dir: str, concurrency: int, output_len: int) -> dict:
                "under_1ms_count": sum(1 for g in gaps if g[0] < 1),
                "largest": [{"ms": round(g, 2), "after": a, "before": b, "at_ms": t} for g, a, b, t in gaps[:8]]}
     return {"requests": len(prompts), "prompt_tokens": sum(n for _, n in prompts), "output_tokens_per_s":
-            round(len(prompts) * output_len / wall, 1), "wall_s": round(wall, 2), "gpu_busy_share": round(
+            round(len(prompts) * output_len / wall, 1), "wall_s": round(wall, 2), "gc": {
+            "collections": collections.Counter(g for g, _, _ in pauses), "total_ms": round(
+                sum(t for _, _, t in pauses) * 1000, 1), "largest": [
+                {"generation": g, "ms": round(t * 1000, 2), "at_ms": round((at - started) * 1000)}
+                for g, at, t in sorted(pauses, key=lambda p: -p[2])[:6]]}, "gpu_busy_share": round(
             gpu_ms / 1000 / wall, 3), "steps": len(steps), "between_steps": between, "by_kind": {
             kind: {**e, "gpu_ms": round(e["gpu_ms"], 1), "ms_per_step": round(e["gpu_ms"] / e["steps"], 2)}
             for kind, e in sorted(kinds.items(), key=lambda kv: -kv[1]["gpu_ms"])}}

@@ -31,6 +31,8 @@ Environment:
     TPSERVE_GEMV=cublas          never install: every projection through F.linear (A/B benchmarks)
     TPSERVE_GEMV_MAX_ROWS=N      the most rows the kernels take (default 16; prefill and larger batches, which
                                  read each weight once for many rows, stay cuBLAS's)
+    TPSERVE_GEMV_EPILOGUE=0      no SiLU epilogue: a gated MLP's product, then silu(gate) * up as its own kernel
+                                 (A/B benchmarks)
 """
 import logging
 import os
@@ -175,7 +177,8 @@ def install(model: nn.Module, max_rows: int | None = None) -> int:
     if reason is not None:
         log.info("projections through cuBLAS (F.linear): %s", reason)
         return 0
-    failed = _self_check(weight.device, weight.dtype, act=True)
+    failed = ("TPSERVE_GEMV_EPILOGUE=0" if os.environ.get("TPSERVE_GEMV_EPILOGUE", "1") == "0"
+              else _self_check(weight.device, weight.dtype, act=True))
     _epilogue = failed is None
     if failed is not None:  # the plain kernels still serve; SiLU runs as its own kernel after the product
         log.warning("the projections' SiLU epilogue is off: %s", failed)
