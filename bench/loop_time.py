@@ -13,18 +13,22 @@ the real and the padded token counts. It tells what the 64-stream throughput is 
 import argparse
 import collections
 import gc
+import json
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import torch
 
+from bench.metrics import timeline_summary
 from bench.output import publish
 from bench.serve import make_prompts
-from serving.engine.graphs import StepGraphs
 import serving.engine.loop as loop
 import serving.engine.sampling as sampling
 from serving.engine.runner import StepTensors
 from serving.engine.scheduler import Scheduler
+from serving.engine.timeline import Timeline
 from serving.engine.sampling import Drawn
 
 PHASES = [(loop.EngineLoop, "_gather"), (Scheduler, "schedule"), (loop.Engine, "step"), (StepTensors, "fill"),
@@ -99,22 +103,10 @@ def main() -> None:
 
 
 def mixed(h, model_dir: str, concurrency: int, output_len: int) -> dict:
-    """The serving workload in process: GPU time per step kind, and output tokens per second."""
-    steps = []  # (kind, real tokens, padded tokens, start event, end event)
-    real_run = StepGraphs.run
-
-    def timed_run(self, plan, feed=None):
-        shape = self.buckets.pick(plan)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = real_run(self, plan, feed)
-        end.record()
-        # decode steps far below the workload's width (its start and end) together; the others by graph
-        kind = ("eager" if shape is None else f"prefill {shape.tokens}" if shape.prefill
-                else f"decode {shape.seqs}" if shape.seqs >= concurrency // 2 else "decode")
-        steps.append((kind, plan.n_tokens, shape.tokens if shape else plan.n_tokens, start, end))
-        return out
-    StepGraphs.run = timed_run
+    """The serving workload in process: the engine's step timeline (GPU time by step kind, gaps between steps),
+    Python's garbage collections, and output tokens per second."""
+    path = Path(tempfile.mkdtemp()) / "timeline.jsonl"
+    h.loop.timeline = Timeline(path, h.engine.device)
     prompts = make_prompts(model_dir, 2 * concurrency, "32:512", seed=0)
     body = {"parameters": {"max_new_tokens": output_len, "min_new_tokens": output_len}, "stream": True}
     queue = list(prompts)
@@ -135,8 +127,6 @@ def mixed(h, model_dir: str, concurrency: int, output_len: int) -> dict:
         else:
             pauses.append((info["generation"], begun[0], time.perf_counter() - begun[0]))
     gc.callbacks.append(collection)
-    origin = torch.cuda.Event(enable_timing=True)
-    origin.record()
     started = time.perf_counter()
     clients = [threading.Thread(target=client) for _ in range(concurrency)]
     for thread in clients:
@@ -145,36 +135,17 @@ def mixed(h, model_dir: str, concurrency: int, output_len: int) -> dict:
         thread.join()
     wall = time.perf_counter() - started
     gc.callbacks.remove(collection)
-    StepGraphs.run = real_run
-    torch.cuda.synchronize()
-    kinds: dict = collections.defaultdict(lambda: {"steps": 0, "gpu_ms": 0.0, "tokens": 0, "padded_tokens": 0})
-    for kind, tokens, padded, start, end in steps:
-        entry = kinds[kind]
-        entry["steps"] += 1
-        entry["gpu_ms"] += start.elapsed_time(end)
-        entry["tokens"] += tokens
-        entry["padded_tokens"] += padded
-    gpu_ms = sum(e["gpu_ms"] for e in kinds.values())
-    # the GPU's time between steps: sampling and the token broadcast after each step (short gaps), or waiting for
-    # the host (long ones: new requests at a wave's turn, a host that fell behind)
-    spans = [(kind, origin.elapsed_time(start), origin.elapsed_time(end)) for kind, _, _, start, end in steps]
-    gaps = sorted(((b[1] - a[2], a[0], b[0], round(a[2])) for a, b in zip(spans, spans[1:])), reverse=True)
-    between = {"before_first_step_ms": round(spans[0][1], 1) if spans else None,
-               "after_last_step_ms": round(wall * 1000 - spans[-1][2], 1) if spans else None,
-               "total_ms": round(sum(g[0] for g in gaps), 1),
-               "under_1ms_total_ms": round(sum(g[0] for g in gaps if g[0] < 1), 1),
-               "under_1ms_count": sum(1 for g in gaps if g[0] < 1),
-               "largest": [{"ms": round(g, 2), "after": a, "before": b, "at_ms": t} for g, a, b, t in gaps[:8]]}
+    deadline = time.monotonic() + 30
+    while h.loop.timeline.records and time.monotonic() < deadline:  # the loop writes them once it is idle
+        time.sleep(0.05)
+    h.loop.timeline = None
+    records = [json.loads(line) for line in path.read_text().splitlines()]
     return {"requests": len(prompts), "prompt_tokens": sum(n for _, n in prompts), "output_tokens_per_s":
             round(len(prompts) * output_len / wall, 1), "wall_s": round(wall, 2), "gc": {
             "collections": collections.Counter(g for g, _, _ in pauses), "total_ms": round(
                 sum(t for _, _, t in pauses) * 1000, 1), "largest": [
                 {"generation": g, "ms": round(t * 1000, 2), "at_ms": round((at - started) * 1000)}
-                for g, at, t in sorted(pauses, key=lambda p: -p[2])[:6]]}, "gpu_busy_share": round(
-            gpu_ms / 1000 / wall, 3), "steps": len(steps), "between_steps": between, "by_kind": {
-            kind: {**e, "gpu_ms": round(e["gpu_ms"], 1), "ms_per_step": round(e["gpu_ms"] / e["steps"], 2)}
-            for kind, e in sorted(kinds.items(), key=lambda kv: -kv[1]["gpu_ms"])}}
-
+                for g, at, t in sorted(pauses, key=lambda p: -p[2])[:6]]}, **timeline_summary(records)}
 
 if __name__ == "__main__":
     main()

@@ -87,3 +87,40 @@ def roofline_tokens_per_s(shape: Shape, hw: Hardware, prompt_lengths: list[int],
     decode_s = (steps * shape.weight_bytes + kv_tokens * shape.kv_bytes_per_token) / (hw.bandwidth * tp)
     prefill_s = 2 * shape.params * sum(prompt_lengths) / (hw.flops * tp)
     return len(prompt_lengths) * output_len / (decode_s + prefill_s)
+
+
+def timeline_summary(records: list[dict]) -> dict:
+    """Rank 0's step timeline (serving/engine/timeline.py records, in order) summed up: the device's busy share
+    between the first step's start and the last one's end, the gaps between steps (short ones are sampling and
+    the token broadcast; long ones a device waiting for the host), the time by step kind, and the host's median
+    time per phase. Without device times (CPU) only the host's part."""
+    timed = [r for r in records if "gpu_ms" in r]
+    host = {}
+    for before, after in (("begin", "queued"), ("queued", "emitted"), ("emitted", "sampled")):
+        spans = [r["host_ms"][after] - r["host_ms"][before] for r in records
+                 if before in r["host_ms"] and after in r["host_ms"]]
+        host[f"{before}_to_{after}_p50_ms"] = round(percentile(spans, 50), 3)
+    out = {"steps": len(records), "host": host}
+    if not timed:
+        return out
+    span = timed[-1]["gpu_ms"][1] - timed[0]["gpu_ms"][0]
+    busy = sum(r["gpu_ms"][1] - r["gpu_ms"][0] for r in timed)
+    gaps = sorted(((b["gpu_ms"][0] - a["gpu_ms"][1], a["kind"], b["kind"], a["gpu_ms"][1])
+                   for a, b in zip(timed, timed[1:])), reverse=True)
+    kinds: dict[str, dict] = {}
+    for r in timed:
+        entry = kinds.setdefault(r["kind"], {"steps": 0, "gpu_ms": 0.0, "tokens": 0, "padded_tokens": 0})
+        entry["steps"] += 1
+        entry["gpu_ms"] += r["gpu_ms"][1] - r["gpu_ms"][0]
+        entry["tokens"] += r["tokens"]
+        entry["padded_tokens"] += r["padded"]
+    out.update({
+        "span_ms": round(span, 1), "gpu_busy_share": round(busy / span, 3) if span else math.nan,
+        "gaps": {"total_ms": round(sum(g[0] for g in gaps), 1),
+                 "under_1ms_total_ms": round(sum(g[0] for g in gaps if g[0] < 1), 1),
+                 "under_1ms_count": sum(1 for g in gaps if g[0] < 1),
+                 "largest": [{"ms": round(g, 2), "after": a, "before": b, "at_ms": round(t)}
+                             for g, a, b, t in gaps[:8]]},
+        "by_kind": {kind: {**e, "gpu_ms": round(e["gpu_ms"], 1), "ms_per_step": round(e["gpu_ms"] / e["steps"], 2)}
+                    for kind, e in sorted(kinds.items(), key=lambda kv: -kv[1]["gpu_ms"])}})
+    return out

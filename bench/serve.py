@@ -3,13 +3,15 @@ on the same card and requests, and the workload's roofline bound beside each row
 
     python -m bench.serve --model-dir M [--tp 1 --tp 2] [--concurrency 1 --concurrency 64] \
         [--requests 64] [--prompt-len 32:512] [--output-len 128] [--rate R] [--property key=value ...] \
-        [--probe 512:16 ...] [--eager] [--baselines] [--out bench/reports/NAME.json]
+        [--probe 512:16 ...] [--eager] [--baselines] [--timeline] [--out bench/reports/NAME.json]
     python -m bench.serve --url http://host:port/predictions/m ...     # a server that is already running
 
 `--probe P:O` adds a row per TP of 8 requests one at a time, P prompt tokens and O output tokens each (batch-1
 time per token, time to first token of a long prompt). `--eager` also serves each TP with
 option.enable_cuda_graph=false: its greedy tokens must equal the captured path's (`graph_equals_eager`), and its
 probes and first concurrency level are measured as "tpserve eager", beside the ready time of both.
+`--timeline` has each server's rank 0 record its step timeline (serving/engine/timeline.py) and adds its summary to
+each row: the GPU's busy share, the gaps between steps, the time by step kind.
 
 Prompts are random sequences of common words, one token each with the model's tokenizer (so a prompt of N words
 is N tokens), with ids inside the model's vocabulary. Output lengths are forced (min_new_tokens). Prints one
@@ -30,7 +32,8 @@ from pathlib import Path
 import torch
 
 from bench.load import run_load
-from bench.metrics import Hardware, Shape, floor_tpot, roofline_tokens_per_s, summarize
+from bench.metrics import Hardware, Shape, floor_tpot, roofline_tokens_per_s, summarize, timeline_summary
+from serving.engine.timeline import ENV as TIMELINE
 
 WORDS = ("the of and to in is was for on that with as by at from his her he she it they we you this be are "
          "have had not but what all were when there can an your which their said if will do each about how up out "
@@ -69,11 +72,17 @@ def main(argv=None) -> None:
                              "(option.enable_cuda_graph=false) of the same model")
     parser.add_argument("--only-baselines", action="store_true", help="run the baselines and no server")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeline", action="store_true",
+                        help="servers started here record rank 0's step timeline; each row gets its summary")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     args = parser.parse_args(argv)
     if not args.url and not args.model_dir:
         parser.error("give --model-dir or --url")
+    if args.url and args.timeline:
+        parser.error("--timeline needs servers started here (--model-dir)")
     levels = args.concurrency or [1, 8, 32, 64, 128]
+    if args.timeline:  # read by the ranks of every server started below (serving/engine/timeline.py)
+        os.environ[TIMELINE] = str(Path(tempfile.mkdtemp()) / "timeline.jsonl")
     tokenizer_dir = args.model_dir or None
     report = {"card": card(), "commit": commit(), "model": describe_model(args.model_dir, args.dtype),
               "settings": {"prompt_len": args.prompt_len, "output_len": args.output_len, "rate": args.rate,
@@ -170,12 +179,29 @@ def measure(url: str, path: str, tp: int | None, concurrency: int, workload, arg
     output_len = output_len or args.output_len
     texts = [text for text, _ in workload]
     asyncio.run(run_load(url, texts[:1], 2, 1))  # warm-up
+    timeline = Path(os.environ[TIMELINE]) if args.timeline else None
+    if timeline:
+        written(timeline).unlink(missing_ok=True)
     timings, duration = asyncio.run(run_load(url, texts, output_len, concurrency, args.rate, args.seed))
     row = {"path": path, "tp": tp, "concurrency": concurrency, **summarize(timings, duration)}
+    if timeline:
+        row["timeline"] = timeline_summary([json.loads(line) for line in written(timeline).read_text().splitlines()])
     first_error = next((t.error for t in timings if t.error), None)
     if first_error:
         row["first_error"] = first_error
     return add_bounds(row, hw, model, [n for _, n in workload], output_len, concurrency, tp or 1)
+
+
+def written(path: Path, settle: float = 0.5, limit: float = 30) -> Path:
+    """`path` once the server's loop has gone idle and appended its last steps: unchanged for `settle` seconds."""
+    deadline, last = time.monotonic() + limit, None
+    while time.monotonic() < deadline:
+        size = path.stat().st_size if path.exists() else None
+        if size is not None and size == last:
+            break
+        last = size
+        time.sleep(settle)
+    return path
 
 
 def greedy_ids(url: str, workload, count: int = 2, tokens: int = 32) -> list[list[int]]:

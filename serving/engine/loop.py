@@ -14,6 +14,7 @@ import copy
 import logging
 import os
 import random
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from serving.engine.request import Request, Row
 from serving.engine.runner import Feed, ModelRunner
 from serving.engine.sampling import Draw, Drawn, SamplingRow, queue_draws
 from serving.engine.scheduler import Kept, Scheduler
+from serving.engine.timeline import Timeline
 from serving.engine.transfer import device_tensor
 from serving.frames import Error, Frame, Request as RequestFrame, Response, Started, Step
 from serving.rank.inputs import Input
@@ -44,6 +46,11 @@ from serving.schemas import MAX_SEED, Token
 log = logging.getLogger("tpserve.engine")
 IDLE_WAIT = 0.5  # seconds the idle loop sleeps between looks at deadlines
 ACTIVATION_RESERVE = 1 << 30  # GPU bytes kept free of the KV cache for activations and the allocator
+# How long another thread of rank 0 (intake, the relay's reader and writer) may hold the GIL before the loop gets
+# it back (Python's default is 5 ms). The loop gives the GIL up several times a step (waiting for the device,
+# sending); while the intake thread tokenises a burst of requests, each of those could cost it the whole
+# interval, and the device waited. TPSERVE_SWITCH_INTERVAL_MS overrides it (A/B benchmarks).
+SWITCH_INTERVAL = float(os.environ.get("TPSERVE_SWITCH_INTERVAL_MS", "0.5")) / 1000
 
 
 @dataclass
@@ -108,6 +115,14 @@ class Engine:
                  "prefill budget %d tokens per step, attention %s", time.monotonic() - started, self.cache.slots,
                  self.max_len, self.cache.bytes / 2**20, self.settings.prefill_tokens,
                  "flash (variable length)" if self.runner.varlen else "SDPA")
+
+    def describe(self, plan: StepPlan) -> tuple[str, int, int]:
+        """The step's kind for the timeline (its graph, or eager), its tokens and the tokens its graph pads to."""
+        shape = self.graphs.buckets.pick(plan) if self.graphs is not None else None
+        if shape is None:
+            return ("prefill" if plan.prefill else "decode") + (" eager" if self.graphs else ""), plan.n_tokens, \
+                plan.n_tokens
+        return f"{'prefill' if shape.prefill else 'decode'} {shape.tokens}", plan.n_tokens, shape.tokens
 
     def step(self, plan: StepPlan) -> torch.Tensor:
         """Queue the plan's forward on the device; its kept logits, [len(plan.keep), vocab] float32."""
@@ -214,6 +229,7 @@ class EngineLoop:
         # the intake thread tokenises with its own copy: a fast tokenizer used from two threads at once can fail
         self.intake_tokenizer = copy.deepcopy(engine.tokenizer)
         relay.engine_stats = self.stats
+        self.timeline = Timeline.from_env(engine.device)  # TPSERVE_STEP_TIMELINE: benchmarks (timeline.py)
 
     def stats(self) -> dict:
         """Occupancy for rank 0's heartbeats (the front end exports it as gauges); read from the reader thread."""
@@ -223,6 +239,7 @@ class EngineLoop:
 
     def run(self) -> None:
         """Until the front end sends a control frame (shutdown); the relay handles it."""
+        sys.setswitchinterval(SWITCH_INTERVAL)
         intake = threading.Thread(target=self._intake, name="intake", daemon=True)
         intake.start()
         try:
@@ -233,6 +250,8 @@ class EngineLoop:
                     log.exception("engine step failed; failing its requests")
                     self._fail_all(500, "the engine failed while generating; see the server log")
         finally:
+            if self.timeline:
+                self.timeline.flush()
             with self.relay.cond:
                 self.stopping = True
                 self.relay.cond.notify_all()
@@ -251,6 +270,8 @@ class EngineLoop:
                 if arrived or cancelled or self.scheduler.has_work() or self.drawn:
                     break
                 relay.working = False
+                if self.timeline:  # idle: every recorded step is done
+                    self.timeline.flush()
                 relay.cond.wait(IDLE_WAIT)
         for request in arrived:
             self.requests[request.id] = request
@@ -294,6 +315,9 @@ class EngineLoop:
         being fed at once."""
         plan, kept = self.scheduler.schedule()
         logits = None
+        timeline = self.timeline if plan.n_tokens else None
+        if timeline:
+            timeline.begin(*self.engine.describe(plan))
         if plan.n_tokens:
             admitted = {self.scheduler.row_in(chunk.slot).request.id for chunk in plan.prefill if chunk.start == 0}
             if admitted:  # the front end measures queue wait and batch occupancy from it
@@ -301,11 +325,17 @@ class EngineLoop:
             self.relay.working = True  # has work: the watchdog expects progress
             self.relay.comm.broadcast(Step(plan.pack()))
             logits = self.engine.step(plan)
+            if timeline:
+                timeline.queued()
         drawn, self.drawn = self.drawn, None
         if drawn is not None:
             self.relay.send_frames(self._emit(*drawn))
+            if timeline:
+                timeline.mark("emitted")
         if logits is not None:
             self.drawn = self._sample(kept, logits)
+            if timeline:
+                timeline.mark("sampled")
         self.relay.note_progress()  # the watchdog counts time since the last step, not since a unit began
 
     def _sample(self, kept: list[Kept], logits: torch.Tensor) -> tuple[list[Row], Drawn] | None:

@@ -1,11 +1,14 @@
 """The rolling-batch engine on one rank, in this process: real model, real Relay and EngineLoop (harness.py).
 What a row generates must not depend on what else is in the batch."""
+import json
 import time
 
 import pytest
 import torch
 
+from bench.metrics import timeline_summary
 from serving.engine.attention import NAME as SLOT_ATTENTION
+from serving.engine.timeline import ENV as TIMELINE
 from serving.frames import Chunk
 from tests.engine.harness import EngineHarness, greedy, loaded, token_ids
 
@@ -203,3 +206,27 @@ def test_tgi_format_answers_streams_and_best_of(harness, demo_model):
     listed = h.answer(h.submit({"inputs": "Hi", "parameters": {"max_new_tokens": 4, "best_of": 3, "do_sample": True,
                                                                "details": True}}, {"x-tpserve-format": "tgi-list"}))
     assert isinstance(listed, list) and len(listed[0]["details"]["best_of_sequences"]) == 2
+
+
+def test_the_step_timeline_records_every_step_once_the_loop_is_idle(harness, tiny_llama, tmp_path, monkeypatch):
+    path = tmp_path / "timeline.jsonl"
+    monkeypatch.setenv(TIMELINE, str(path))
+    h = harness(tiny_llama)
+    rids = [h.submit({"inputs": prompt, "parameters": greedy(n, min_new_tokens=n)}) for prompt, n in WORK[:2]]
+    answers = [h.answer(rid) for rid in rids]
+    deadline = time.monotonic() + 10
+    while (h.loop.timeline.records or not path.exists()) and time.monotonic() < deadline:
+        time.sleep(0.02)  # written when the loop goes idle, after the last answer
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    kinds = [r["kind"] for r in records]
+    assert kinds[0] == "prefill" and set(kinds) == {"prefill", "decode"}
+    # every prompt token and every fed token (each after a row's first) in some step; decode steps one a row
+    prompts = sum(len(h.tokenizer(prompt)["input_ids"]) for prompt, _ in WORK[:2])
+    assert sum(r["tokens"] for r in records) == prompts + sum(n - 1 for _, n in WORK[:2])
+    assert all(r["tokens"] <= 2 for r in records if r["kind"] == "decode")
+    assert [a["details"]["generated_tokens"] for a in answers] == [n for _, n in WORK[:2]]
+    for r in records:
+        phases = list(r["host_ms"])
+        assert phases[:2] == ["begin", "queued"] and "gpu_ms" not in r  # no device times on a CPU
+        assert list(r["host_ms"].values()) == sorted(r["host_ms"].values())
+    assert timeline_summary(records)["steps"] == len(records)

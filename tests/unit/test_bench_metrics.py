@@ -3,7 +3,8 @@ import math
 
 import pytest
 
-from bench.metrics import Hardware, Shape, Timing, floor_tpot, percentile, roofline_tokens_per_s, summarize
+from bench.metrics import (Hardware, Shape, Timing, floor_tpot, percentile, roofline_tokens_per_s, summarize,
+                           timeline_summary)
 
 
 def test_percentiles_interpolate_between_ranks():
@@ -45,3 +46,25 @@ def test_roofline_counts_weights_per_step_kv_per_row_and_prompt_flops():
     assert roofline_tokens_per_s(shape, hw, [4, 4], 3, 2, tp=2) == pytest.approx(
         2 * roofline_tokens_per_s(shape, hw, [4, 4], 3, 2))
     assert floor_tpot(shape, hw) == 1.0 and floor_tpot(shape, hw, tp=2) == 0.5
+
+
+def test_a_step_timeline_gives_the_busy_share_the_gaps_and_the_time_by_kind():
+    def step(kind, tokens, padded, gpu, host):
+        return {"kind": kind, "tokens": tokens, "padded": padded, "gpu_ms": gpu,
+                "host_ms": dict(zip(("begin", "queued", "emitted", "sampled"), host))}
+    records = [step("prefill 512", 400, 512, [0.0, 10.0], [0, 1, 2, 3]),
+               step("decode 8", 8, 8, [10.5, 14.5], [4, 5, 7, 8]),
+               step("decode 8", 7, 8, [34.5, 38.5], [30, 31, 34, 35])]
+    summary = timeline_summary(records)
+    assert summary["steps"] == 3 and summary["span_ms"] == 38.5
+    assert summary["gpu_busy_share"] == round(18 / 38.5, 3)
+    assert summary["gaps"]["total_ms"] == 20.5 and summary["gaps"]["under_1ms_count"] == 1
+    assert summary["gaps"]["largest"][0] == {"ms": 20.0, "after": "decode 8", "before": "decode 8", "at_ms": 14}
+    assert summary["by_kind"]["decode 8"] == {"steps": 2, "gpu_ms": 8.0, "tokens": 15, "padded_tokens": 16,
+                                              "ms_per_step": 4.0}
+    assert summary["host"] == {"begin_to_queued_p50_ms": 1.0, "queued_to_emitted_p50_ms": 2.0,
+                               "emitted_to_sampled_p50_ms": 1.0}
+    # without device times (a CPU run): the host's part only
+    for record in records:
+        del record["gpu_ms"]
+    assert timeline_summary(records) == {"steps": 3, "host": summary["host"]}
