@@ -1,13 +1,13 @@
 """The streaming projection kernels (serving/engine/gemv.py) against cuBLAS, one GPU (issue 8): for each projection
 of a model shape at each TP degree (the rank's shard), and a few row counts, the effective bandwidth of F.linear,
 of gemv.pick()'s launch shape and, with --sweep, of every candidate launch shape; each result is checked against
-an fp32 product.
+an fp32 product. `--layouts` also times cuBLASLt and cuBLAS on the weight stored transposed.
 
 Timing: a CUDA graph of back-to-back products, each on its own copy of the weight (together over 1 GB, so no copy
 is still in the L2 cache when it is read again), replayed; no host launches in the time.
 
     python -m bench.gemv [--hidden 4096 --intermediate 11008 --vocab 32000 --heads 32 --kv-heads 32]
-                         [--tp 1 --tp 2 --tp 4] [--rows 1 --rows 4 --rows 16 --rows 64] [--sweep] [--out F]
+                         [--tp 1 --tp 2 --tp 4] [--rows 1 --rows 4 --rows 16 --rows 64] [--sweep] [--layouts] [--out F]
 """
 import argparse
 import itertools
@@ -54,7 +54,7 @@ def time_us(fn, weights: list[torch.Tensor]) -> float:
     return captured_us([lambda w=w: fn(w) for w in weights * 2], REPLAYS)
 
 
-def measure(n: int, k: int, rows: int, sweep: bool, dtype: torch.dtype) -> dict:
+def measure(n: int, k: int, rows: int, sweep: bool, dtype: torch.dtype, layouts: bool = False) -> dict:
     copies = max(2, min(64, math.ceil(SPAN_BYTES / (n * k * 2))))
     weights = [torch.randn(n, k, device="cuda").to(dtype) / 64 for _ in range(copies)]
     x = torch.randn(rows, k, device="cuda").to(dtype)
@@ -63,6 +63,13 @@ def measure(n: int, k: int, rows: int, sweep: bool, dtype: torch.dtype) -> dict:
     gbps = lambda us: round(n * k * 2 / us / 1000)  # noqa: E731
     cublas = time_us(lambda w: F.linear(x, w), weights)
     out = {"copies": copies, "cublas_us": round(cublas, 2), "cublas_GBps": gbps(cublas)}
+    if layouts:  # cuBLAS's other choices for the same bytes: cuBLASLt, and the weight stored transposed ([K, N])
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        out["cublaslt_GBps"] = gbps(time_us(lambda w: F.linear(x, w), weights))
+        torch.backends.cuda.preferred_blas_library("cublas")
+        transposed = [w.t().contiguous() for w in weights]
+        out["transposed_GBps"] = gbps(time_us(lambda w: x @ w, transposed))
+        del transposed
     tried = [("pick", gemv.pick(rows, n, k))] + ([(None, c) for c in candidates(rows)] if sweep else [])
     results = []
     for label, config in tried:
@@ -102,6 +109,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, action="append")
     parser.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--layouts", action="store_true", help="also cuBLASLt, and cuBLAS on a transposed weight")
     parser.add_argument("--out")
     args = parser.parse_args()
     dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
@@ -110,9 +118,11 @@ def main() -> None:
         for name, (n, k) in shapes(args.hidden, args.intermediate, args.vocab, args.heads, args.kv_heads, tp).items():
             for rows in args.rows or [1, 4, 16, 64]:
                 key = f"tp{tp} {name} {n}x{k} rows {rows}"
-                report["results"][key] = result = measure(n, k, rows, args.sweep, dtype)
+                report["results"][key] = result = measure(n, k, rows, args.sweep, dtype, args.layouts)
                 pick = result["pick"]
-                print(f"{key}: cuBLAS {result['cublas_GBps']} GB/s, pick {pick.get('GBps')} GB/s "
+                print(f"{key}: cuBLAS {result['cublas_GBps']} GB/s"
+                      + (f" (cuBLASLt {result['cublaslt_GBps']}, transposed {result['transposed_GBps']})"
+                         if args.layouts else "") + f", pick {pick.get('GBps')} GB/s "
                       f"({pick.get('vs_cublas')}x, ok {pick.get('ok')})"
                       + (f", best {result['best'][0]['GBps']} GB/s {result['best'][0]['config']}"
                          if result.get("best") else ""), flush=True)

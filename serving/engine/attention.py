@@ -126,8 +126,11 @@ def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if max_q == 1 and decode_attention.serves(query):
         return decode_attention.attend(query, key, value, kv, write_index, cu_q, k_start, k_used, scale)
     table = kv.view(2, -1, *kv.shape[3:])
-    table[0].index_copy_(0, write_index, key)
-    table[1].index_copy_(0, write_index, value)
+    if decode_attention.serves(query):
+        decode_attention.write(key, value, kv, write_index)
+    else:
+        table[0].index_copy_(0, write_index, key)
+        table[1].index_copy_(0, write_index, value)
     max_q = query.shape[0] if max_q is None else max_q
     if query.is_cuda:
         return torch.ops.aten._flash_attention_forward(
