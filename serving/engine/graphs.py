@@ -16,12 +16,15 @@ What a graph records is the compiled forward when the runner has one (runner.com
 Inductor fuses each layer's small kernels first, then capture removes the launches. Steps no graph holds (more kept logits than rows, as with prompt log-probabilities,
 or more tokens than the largest graph) run eagerly.
 """
+import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 
 import torch
 
+from serving.engine import gemv
 from serving.engine.kv_cache import SlotCache
 from serving.engine.plan import Chunk, StepPlan
 from serving.engine.runner import Feed, ModelRunner, Packed, StepTensors, pack
@@ -33,6 +36,12 @@ DECODE_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160
 # tokens; 1.5x apart, 9%)
 PREFILL_TOKENS = (32, 64, 128, 256, 384, 512, 640, 768, 1024, 1280, 1536, 2048, 2560, 3072, 3584, 4096, 5120, 6144,
                   8192)
+# Decode graphs of more rows than the streaming projections take (gemv.py) are captured with cuBLASLt's kernels,
+# prompt graphs with cuBLAS's: at 32-128 rows cuBLASLt read down_proj's weights 11-25% faster and the others as
+# fast, while cuBLAS ran the 4,096-token prompt matmuls 4-12% faster (one H200, bench.gemv --layouts and
+# bench.matmul). A graph keeps the kernels chosen when it was captured. TPSERVE_DECODE_BLAS=cublas: cuBLAS for
+# every graph (A/B benchmarks).
+DECODE_BLAS = os.environ.get("TPSERVE_DECODE_BLAS", "cublaslt").lower()
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,20 @@ class Buckets:
                      and s.seqs - -(-(s.tokens - plan.n_tokens) // self.max_len) >= seqs), None)
 
 
+@contextlib.contextmanager
+def blas_library(name: str):
+    """torch's preferred BLAS library set to `name` inside the block (where this torch has it), then restored."""
+    previous = torch.backends.cuda.preferred_blas_library()
+    try:
+        torch.backends.cuda.preferred_blas_library(name)
+    except RuntimeError:  # a build without cuBLASLt: keep the library there is
+        pass
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(previous)
+
+
 def pad(plan: StepPlan, shape: Shape, scratch: int, max_len: int) -> StepPlan:
     """The plan grown to the graph's shape with rows nobody reads, all in the scratch slot."""
     keep = plan.keep + [0] * (shape.keep - len(plan.keep))
@@ -113,7 +136,8 @@ class StepGraphs:
         pool = torch.cuda.graph_pool_handle()
         for shape in sorted(self.buckets.shapes, key=lambda s: (s.tokens, s.seqs), reverse=True):
             inputs = StepTensors(self._packed(StepPlan(), shape), self.runner.device)
-            with torch.inference_mode():
+            wide_decode = not shape.prefill and shape.seqs > gemv.MAX_ROWS
+            with torch.inference_mode(), blas_library(DECODE_BLAS if wide_decode else "cublas"):
                 # warm-up outside the capture: kernels pick their algorithms, the compiler compiles
                 self.runner.forward(inputs, None, compiled=True)
                 torch.cuda.synchronize()

@@ -3,8 +3,10 @@ graph's shape changes none of the kept logits, token for token, in the real engi
 import time
 
 import pytest
+import torch
 
-from serving.engine.graphs import Buckets, Shape, pad
+from serving.engine import graphs
+from serving.engine.graphs import Buckets, Shape, blas_library, pad
 from serving.engine.plan import Chunk, StepPlan
 from serving.engine.runner import pack
 from tests.engine.harness import greedy, token_ids
@@ -78,3 +80,25 @@ def test_compiled_steps_generate_what_eager_steps_generate(harness, tiny_llama):
     # one decoder layer's code, compiled for its kinds of step (one decode row, several, prompt tokens), and
     # reused by both layers, not compiled per layer
     assert 1 <= counters["stats"]["unique_graphs"] <= 3
+
+
+def test_a_graph_captures_under_the_blas_library_asked_for_and_the_old_one_returns(monkeypatch):
+    """blas_library sets torch's preferred library for the block and restores it after, even when the block
+    fails; a build without the library keeps the one it has. On this CPU torch refuses cuBLASLt, so the setting
+    is observed through the function itself."""
+    chosen = [torch.backends.cuda.preferred_blas_library()]
+    real = torch.backends.cuda.preferred_blas_library
+
+    def preferred(backend=None):
+        if backend is not None:
+            chosen.append(str(backend))
+            if str(backend) == "cublaslt":
+                return real("cublaslt")  # raises here: no cuBLASLt in a CPU build
+        return real(backend)
+    monkeypatch.setattr(torch.backends.cuda, "preferred_blas_library", preferred)
+    with pytest.raises(ValueError), blas_library("cublaslt"):
+        assert torch.backends.cuda.preferred_blas_library() == chosen[0]  # refused: the library there is stays
+        raise ValueError("a failed capture")
+    assert chosen[1:] == ["cublaslt", str(chosen[0])]
+    assert real() == chosen[0]
+    assert graphs.DECODE_BLAS == "cublaslt"
