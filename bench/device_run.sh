@@ -8,9 +8,9 @@
 set -euo pipefail
 out=${1:?usage: device_run.sh OUT_DIR [args]}; shift
 . "$(dirname "$0")/device_env.sh"  # wheels, path, the model in $model
-# the cards' clocks and power every 200 ms beside the run (a clock that falls under sustained load shows here)
-nvidia-smi --query-gpu=timestamp,index,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+# the cards' clocks, power and temperature every 200 ms beside the run (a clock that falls under sustained load shows here)
+nvidia-smi --query-gpu=timestamp,index,clocks.sm,clocks.mem,power.draw,temperature.gpu \
   --format=csv -lms 200 > $out/clocks.csv 2>&1 &
 clocks=$!
 python3 -m bench.serve --model-dir $model "$@" 2>&1 | tee $out/serve.log
-kill $clocks
+kill $clocks 2>/dev/null || true
