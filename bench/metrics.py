@@ -104,6 +104,9 @@ def timeline_summary(records: list[dict]) -> dict:
     if not timed:
         return out
     span = timed[-1]["gpu_ms"][1] - timed[0]["gpu_ms"][0]
+    if "unix_ms" in timed[0]:  # the device starts the first step as the host asks (it is idle then)
+        out["first_step_unix_ms"] = timed[0]["unix_ms"] - timed[0]["gpu_ms"][0]
+        out["last_step_end_unix_ms"] = out["first_step_unix_ms"] + timed[-1]["gpu_ms"][1]
     busy = sum(r["gpu_ms"][1] - r["gpu_ms"][0] for r in timed)
     gaps = sorted(((b["gpu_ms"][0] - a["gpu_ms"][1], a["kind"], b["kind"], a["gpu_ms"][1])
                    for a, b in zip(timed, timed[1:])), reverse=True)

@@ -182,10 +182,15 @@ def measure(url: str, path: str, tp: int | None, concurrency: int, workload, arg
     timeline = Path(os.environ[TIMELINE]) if args.timeline else None
     if timeline:
         written(timeline).unlink(missing_ok=True)
+    sent = time.time() * 1000
     timings, duration = asyncio.run(run_load(url, texts, output_len, concurrency, args.rate, args.seed))
     row = {"path": path, "tp": tp, "concurrency": concurrency, **summarize(timings, duration)}
     if timeline:
-        row["timeline"] = timeline_summary([json.loads(line) for line in written(timeline).read_text().splitlines()])
+        row["timeline"] = summary = timeline_summary(
+            [json.loads(line) for line in written(timeline).read_text().splitlines()])
+        if "first_step_unix_ms" in summary:  # the client's time outside the device's: requests in and tokens out
+            summary["first_send_to_first_step_ms"] = round(summary["first_step_unix_ms"] - sent, 1)
+            summary["last_step_to_last_token_ms"] = round(sent + duration * 1000 - summary["last_step_end_unix_ms"], 1)
     first_error = next((t.error for t in timings if t.error), None)
     if first_error:
         row["first_error"] = first_error

@@ -1,8 +1,8 @@
 """Rank 0's step timeline, for benchmarks (issue 8): where a served workload's time goes, step by step.
 
 With TPSERVE_STEP_TIMELINE=FILE in the server's environment, the engine loop records each step: its kind and
-size, the host's clock when it began, queued its forward, streamed last step's tokens and queued its sampling,
-and on CUDA two events around the forward, so the device's own time and the gaps between steps are known. The
+size, the host's clock when it began (also as Unix time, to line up with a client's clock), queued its forward,
+streamed last step's tokens and queued its sampling, and on CUDA two events around the forward, so the device's own time and the gaps between steps are known. The
 records are appended to FILE as JSON lines each time the loop goes idle (the events are complete by then), so a
 benchmark reads them between load levels without stopping the server. bench/metrics.py's timeline_summary()
 turns them into the GPU's busy share, the gaps and the time by step kind.
@@ -38,7 +38,7 @@ class Timeline:
         return cls(Path(path), device) if path else None
 
     def begin(self, kind: str, tokens: int, padded: int) -> None:
-        record = {"kind": kind, "tokens": tokens, "padded": padded, "host_ms": {}}
+        record = {"kind": kind, "tokens": tokens, "padded": padded, "unix_ms": time.time() * 1000, "host_ms": {}}
         now, event = time.perf_counter(), self._event()
         if self.origin is None:
             self.origin = (now, event)

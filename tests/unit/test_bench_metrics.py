@@ -55,8 +55,10 @@ def test_a_step_timeline_gives_the_busy_share_the_gaps_and_the_time_by_kind():
     records = [step("prefill 512", 400, 512, [0.0, 10.0], [0, 1, 2, 3]),
                step("decode 8", 8, 8, [10.5, 14.5], [4, 5, 7, 8]),
                step("decode 8", 7, 8, [34.5, 38.5], [30, 31, 34, 35])]
+    records[0]["unix_ms"] = 1000.0  # the host's Unix clock when it began the first step
     summary = timeline_summary(records)
     assert summary["steps"] == 3 and summary["span_ms"] == 38.5
+    assert (summary["first_step_unix_ms"], summary["last_step_end_unix_ms"]) == (1000.0, 1038.5)
     assert summary["gpu_busy_share"] == round(18 / 38.5, 3)
     assert summary["gaps"]["total_ms"] == 20.5 and summary["gaps"]["under_1ms_count"] == 1
     assert summary["gaps"]["largest"][0] == {"ms": 20.0, "after": "decode 8", "before": "decode 8", "at_ms": 14}
