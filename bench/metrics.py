@@ -101,12 +101,15 @@ def timeline_summary(records: list[dict]) -> dict:
                  if before in r["host_ms"] and after in r["host_ms"]]
         host[f"{before}_to_{after}_p50_ms"] = round(percentile(spans, 50), 3)
     out = {"steps": len(records), "host": host}
+    if records and "unix_ms" in records[0]:  # the device starts the first step as the host asks (it is idle then)
+        first, last = records[0], records[-1]
+        out["first_step_unix_ms"] = first["unix_ms"] - (first["gpu_ms"][0] if timed else 0)
+        out["last_step_end_unix_ms"] = out["first_step_unix_ms"] + (  # on a CPU the forward ends as it is queued
+            timed[-1]["gpu_ms"][1] if timed else last["unix_ms"] - first["unix_ms"] + last["host_ms"]["queued"]
+            - last["host_ms"]["begin"])
     if not timed:
         return out
     span = timed[-1]["gpu_ms"][1] - timed[0]["gpu_ms"][0]
-    if "unix_ms" in timed[0]:  # the device starts the first step as the host asks (it is idle then)
-        out["first_step_unix_ms"] = timed[0]["unix_ms"] - timed[0]["gpu_ms"][0]
-        out["last_step_end_unix_ms"] = out["first_step_unix_ms"] + timed[-1]["gpu_ms"][1]
     busy = sum(r["gpu_ms"][1] - r["gpu_ms"][0] for r in timed)
     gaps = sorted(((b["gpu_ms"][0] - a["gpu_ms"][1], a["kind"], b["kind"], a["gpu_ms"][1])
                    for a, b in zip(timed, timed[1:])), reverse=True)

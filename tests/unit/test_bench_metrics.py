@@ -55,7 +55,8 @@ def test_a_step_timeline_gives_the_busy_share_the_gaps_and_the_time_by_kind():
     records = [step("prefill 512", 400, 512, [0.0, 10.0], [0, 1, 2, 3]),
                step("decode 8", 8, 8, [10.5, 14.5], [4, 5, 7, 8]),
                step("decode 8", 7, 8, [34.5, 38.5], [30, 31, 34, 35])]
-    records[0]["unix_ms"] = 1000.0  # the host's Unix clock when it began the first step
+    for record in records:  # the host's Unix clock when it began each step
+        record["unix_ms"] = 1000.0 + record["host_ms"]["begin"]
     summary = timeline_summary(records)
     assert summary["steps"] == 3 and summary["span_ms"] == 38.5
     assert (summary["first_step_unix_ms"], summary["last_step_end_unix_ms"]) == (1000.0, 1038.5)
@@ -69,4 +70,6 @@ def test_a_step_timeline_gives_the_busy_share_the_gaps_and_the_time_by_kind():
     # without device times (a CPU run): the host's part only
     for record in records:
         del record["gpu_ms"]
-    assert timeline_summary(records) == {"steps": 3, "host": summary["host"]}
+    # the last step's begin plus its forward (1 ms)
+    assert timeline_summary(records) == {"steps": 3, "host": summary["host"], "first_step_unix_ms": 1000.0,
+                                         "last_step_end_unix_ms": 1031.0}
