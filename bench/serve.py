@@ -276,7 +276,7 @@ def run_baselines(args, levels: list[int], workloads, hw, model) -> list[dict]:
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     llm, tokenizer = baselines.load(str(args.model_dir), dtype, device)
     rows = []
-    for c in levels:
+    for c in dict.fromkeys(levels):  # a level given twice (to see tpserve's run-to-run spread) is a baseline once
         texts, lengths = [t for t, _ in workloads[c]], [n for _, n in workloads[c]]
         for name, run in (("static", lambda: baselines.static_batches(llm, tokenizer, texts, args.output_len, c, device)),
                           ("generate_batch", lambda: baselines.continuous_batching(llm, tokenizer, texts, args.output_len, device))):
