@@ -8,7 +8,7 @@
 set -euo pipefail
 out=${1:?usage: device_run.sh OUT_DIR [args]}; shift
 . "$(dirname "$0")/device_env.sh"  # wheels, path, the model in $model
-# the cards' clocks, power and temperature every 200 ms beside the run (a clock that falls under sustained load shows here)
+# the cards' clocks, power and temperature every 200 ms beside the run (a clock that falls under load shows here)
 nvidia-smi --query-gpu=timestamp,index,clocks.sm,clocks.mem,power.draw,temperature.gpu \
   --format=csv -lms 200 > $out/clocks.csv 2>&1 &
 clocks=$!
