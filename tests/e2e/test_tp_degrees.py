@@ -4,8 +4,6 @@ tiny random Llama whose 8 heads and 4 key/value heads split evenly over 4 ranks,
 SmolLM2 widened to 12 heads (bench/real_tp.py), at TP=4 against transformers' own generate."""
 import pytest
 
-from bench.real_tp import widen
-
 from tests.conftest import model_dir, save_tiny_llama
 from tests.server import Server
 
@@ -19,14 +17,13 @@ def llama8(tmp_path_factory, demo_model):
 
 
 @pytest.fixture(scope="module")
-def degrees_server(tmp_path_factory, llama8, demo_model):
+def degrees_server(tmp_path_factory, llama8, wide_demo):
     store = tmp_path_factory.mktemp("tp-store")
     for tp in DEGREES:
         model_dir(store, f"llama_tp{tp}", {"engine": "DeepSpeed", "option.model_id": str(llama8), "option.dtype": "fp32",
                                           "option.tensor_parallel_degree": str(tp),
                                           "option.max_rolling_batch_size": "4"})
-    wide = widen(demo_model, tmp_path_factory.mktemp("smollm2-wide") / "model")
-    model_dir(store, "trained_tp4", {"engine": "DeepSpeed", "option.model_id": str(wide), "option.dtype": "fp32",
+    model_dir(store, "trained_tp4", {"engine": "DeepSpeed", "option.model_id": str(wide_demo), "option.dtype": "fp32",
                                      "option.tensor_parallel_degree": "4", "option.max_rolling_batch_size": "2",
                                      "option.max_model_len": "256"})
     server = Server(["--model-store", str(store)], tmp_path_factory.mktemp("tp-logs") / "server.log")
