@@ -34,11 +34,15 @@ def degrees_server(tmp_path_factory, llama8, wide_demo):
         server.stop()
 
 
-def generated(server, model: str, prompt: str, **parameters) -> list[int]:
+def generated(server, model: str, prompt: str | list[str], **parameters) -> list:
+    """The 32 token ids generated for `prompt`, or for a list of prompts (rows of one batch) each one's ids."""
     body = {"inputs": prompt, "parameters": {"max_new_tokens": 32, "min_new_tokens": 32, "details": True, **parameters}}
     response = server.post(f"/predictions/{model}", json=body, timeout=300)
     assert response.status_code == 200, response.text
-    return [token["id"] for token in response.json()["details"]["tokens"]]
+    answers = response.json()
+    if isinstance(prompt, list):
+        return [[token["id"] for token in answer["details"]["tokens"]] for answer in answers]
+    return [token["id"] for token in answers["details"]["tokens"]]
 
 
 def test_greedy_tokens_are_the_same_at_every_degree(degrees_server):
@@ -55,14 +59,18 @@ def test_a_seeded_sample_is_the_same_at_every_degree(degrees_server):
 
 def test_a_trained_model_gives_at_tp4_the_greedy_tokens_of_transformers_generate(degrees_server, demo_model):
     """Trained weights have clear winners where a random model has near-ties: 32 tokens of two prompts, served at
-    TP=4 from the widened demo model, against transformers' generate on the demo model itself, in this process."""
+    TP=4 from the widened demo model, against transformers' generate on the demo model itself, in this process.
+    The prompts go as one list, two rows of one batch (max_rolling_batch_size=2): 32 steps of the 4 ranks, not 64
+    (a row's tokens do not depend on its neighbours: tests/engine/test_engine.py, tests/e2e/test_rolling_batch.py)."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(demo_model)
     model = LlamaForCausalLM.from_pretrained(demo_model, dtype=torch.float32)
+    expected = []
     for prompt in PROMPTS[:2]:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         with torch.inference_mode():
             out = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
-        assert generated(degrees_server, "trained_tp4", prompt) == out[0, ids.shape[1]:].tolist()
+        expected.append(out[0, ids.shape[1]:].tolist())
+    assert generated(degrees_server, "trained_tp4", PROMPTS[:2]) == expected
