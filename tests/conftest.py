@@ -33,6 +33,15 @@ def tiny_llama(tmp_path_factory, demo_model) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), demo_model, heads=4, kv_heads=2, seed=0)
 
 
+@pytest.fixture(scope="session")
+def wide_demo(tmp_path_factory, demo_model) -> Path:
+    """The demo widened to 12 query and 12 KV heads (bench/real_tp.py), so it splits over 4 ranks: written once for
+    the unit test that checks it computes what the demo computes and the TP=4 server that serves it."""
+    from bench.real_tp import widen
+
+    return widen(demo_model, tmp_path_factory.mktemp("smollm2-wide") / "model")
+
+
 def save_tiny_llama(path: Path, tokenizer_dir, heads: int, kv_heads: int, seed: int) -> Path:
     """A 2-layer random-weight Llama (hidden 256) with SmolLM2's tokenizer, saved to `path`."""
     import torch

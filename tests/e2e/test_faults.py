@@ -261,18 +261,44 @@ def test_retry_threshold_turns_a_crash_loop_into_failed(fault_server):
 
 # --- the front end's own death ----------------------------------------------------------------------
 
-@pytest.fixture()
-def lone_server(tmp_path):
-    before = listing()
-    path = model_dir(tmp_path, "echo", {**ECHO, "option.hf_token": "hf_sekrit_value"})
-    srv = Server(["-m", str(path)], tmp_path / "lone.log", env={"TPSERVE_API_KEY": "k3y"})
+class LoneServers:
+    """Echo servers at TP=2 behind an API key, each with what /dev/shm and /tmp held before it started. A test
+    reads the live one, or starts one if there is none: the authentication test leaves it running for the first
+    front-end death, and each death after that starts its own."""
+
+    def __init__(self, root: Path):
+        self.root, self.started = root, []
+
+    def live(self) -> tuple[Server, set[str]]:
+        if not self.started or self.started[-1][0].process.poll() is not None:
+            before = listing()
+            home = self.root / f"lone{len(self.started)}"
+            home.mkdir()
+            path = model_dir(home, "echo", {**ECHO, "option.hf_token": "hf_sekrit_value"})
+            srv = Server(["-m", str(path)], home / "lone.log", env={"TPSERVE_API_KEY": "k3y"})
+            self.started.append((srv, before))
+            wait_until(lambda: ping_ok(srv), 300, f"the server to be ready:\n{srv.log_tail()}", pause=0.25)
+        return self.started[-1]
+
+    def stop(self) -> None:
+        for srv, _ in self.started:
+            srv.stop()
+            for proc in srv.descendants():
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def lone_servers(tmp_path_factory):
+    servers = LoneServers(tmp_path_factory.mktemp("lone"))
     try:
-        wait_until(lambda: ping_ok(srv), 300, f"the server to be ready:\n{srv.log_tail()}", pause=0.25)
-        yield srv, before
+        yield servers
     finally:
-        srv.stop()
-        for proc in srv.descendants():
-            proc.kill()
+        servers.stop()
+
+
+@pytest.fixture()
+def lone_server(lone_servers):
+    return lone_servers.live()
 
 
 def ping_ok(srv: Server) -> bool:

@@ -74,11 +74,14 @@ def test_ping_is_503_while_a_model_is_failed(broken_server):
     assert response.json()["models"]["kernel_inject"]["status"] == "Unhealthy"
 
 
-@pytest.fixture()
-def echo_server(tmp_path):
-    path = model_dir(tmp_path, "echo", {"engine": "DeepSpeed", "option.tensor_parallel_degree": "2",
-                                        "option.entryPoint": "handlers.echo"})
-    srv = Server(["-m", str(path)], tmp_path / "echo.log")
+@pytest.fixture(scope="module")
+def echo_server(tmp_path_factory):
+    """One echo server at TP=2 for the two tests below: a rank killed (the group restarts), then the server
+    stopped, which ends it, so that test comes last."""
+    root = tmp_path_factory.mktemp("echo")
+    path = model_dir(root, "echo", {"engine": "DeepSpeed", "option.tensor_parallel_degree": "2",
+                                    "option.entryPoint": "handlers.echo"})
+    srv = Server(["-m", str(path)], root / "echo.log")
     try:
         assert srv.wait_for_models()["echo"]["state"] == "READY", srv.log_tail()
         yield srv
@@ -117,6 +120,7 @@ def test_a_dead_rank_restarts_the_group(echo_server):
 
 
 def test_stopping_the_server_leaves_no_ranks_and_no_shared_memory(echo_server):
+    """Last in this module: it stops the module's echo server (whose group the test above restarted)."""
     ranks = rank_processes(echo_server)
     tree = echo_server.descendants()
     files = shm_files(ranks)

@@ -46,12 +46,19 @@ def read_stream(server, sse: bool, body: dict, model="smollm2"):
 
 
 # --- streaming -------------------------------------------------------------------------------------
+STORY = {"max_new_tokens": 40, "min_new_tokens": 40}
+
+
+@pytest.fixture(scope="module")
+def unstreamed_story(server) -> str:
+    """The text of PROMPT's 40 greedy tokens answered whole, which both stream formats must match."""
+    return lmi(server, inputs=PROMPT, parameters=STORY)["generated_text"]
+
 
 @pytest.mark.parametrize("sse", [False, True], ids=["jsonlines", "sse"])
-def test_stream_arrives_token_by_token_and_matches_the_unstreamed_text(server, sse):
-    parameters = {"max_new_tokens": 40, "min_new_tokens": 40}
+def test_stream_arrives_token_by_token_and_matches_the_unstreamed_text(server, unstreamed_story, sse):
     started = time.monotonic()
-    objects, times = read_stream(server, sse, {"inputs": PROMPT, "parameters": parameters, "stream": True})
+    objects, times = read_stream(server, sse, {"inputs": PROMPT, "parameters": STORY, "stream": True})
     total = times[-1] - started
     assert len(objects) == 40
     # the first token comes long before the last: chunks are sent as generated, not at the end
@@ -61,7 +68,7 @@ def test_stream_arrives_token_by_token_and_matches_the_unstreamed_text(server, s
     assert last["generated_text"] == streamed
     assert last["details"]["finish_reason"] == "length" and last["details"]["generated_tokens"] == 40
     assert [t["id"] for t in last["details"]["tokens"]] == [o["token"]["id"] for o in objects]
-    assert lmi(server, inputs=PROMPT, parameters=parameters)["generated_text"] == streamed
+    assert streamed == unstreamed_story
 
 
 def test_output_formatter_in_properties_streams_too(server):
@@ -104,10 +111,15 @@ def test_eos_finish_reason_and_chat_messages(server):
 
 
 def test_same_seed_same_sample_and_other_seed_other_sample(server):
+    """The four requests go at once, rows of one running batch each (a seeded row draws what it draws alone:
+    tests/e2e/test_rolling_batch.py; one after another: test_spine.py's seeded test)."""
     params = {"max_new_tokens": 24, "do_sample": True, "temperature": 1.0, "top_k": 50}
-    texts = [lmi(server, inputs=PROMPT, parameters={**params, "seed": seed})["generated_text"] for seed in (7, 7, 8)]
+    asked = [("smollm2", 7), ("smollm2", 7), ("smollm2", 8), ("smollm2_tp1", 7)]
+    with ThreadPoolExecutor(len(asked)) as pool:
+        texts = list(pool.map(lambda ask: lmi(server, ask[0], inputs=PROMPT, parameters={**params, "seed": ask[1]})
+                              ["generated_text"], asked))
     assert texts[0] == texts[1] != texts[2]
-    assert lmi(server, "smollm2_tp1", inputs=PROMPT, parameters={**params, "seed": 7})["generated_text"] == texts[0]
+    assert texts[3] == texts[0]
 
 
 def test_log_probs_match_an_in_process_transformers_computation(server, demo_model):

@@ -4,6 +4,7 @@ a server of its own that serves one model only, SmolLM2 with a tool-capable chat
 Every test asserts on what came back: token counts, token ids, JSON that validates, arguments that parse."""
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import openai
@@ -220,11 +221,13 @@ def test_required_tool_call_parses_and_matches_its_schema(tools_client):
 def test_named_tool_call_streams_the_same_call(tools_client):
     kwargs = dict(model="smollm2_tools", messages=ASK_WEATHER, tools=[WEATHER, TIME], temperature=0, max_tokens=60,
                   tool_choice={"type": "function", "function": {"name": "get_time"}})
-    call = tools_client.chat.completions.create(**kwargs).choices[0].message.tool_calls[0]
+    with ThreadPoolExecutor(2) as pool:  # at once: two rows of one batch
+        whole = pool.submit(tools_client.chat.completions.create, **kwargs)
+        chunks = pool.submit(lambda: list(tools_client.chat.completions.create(stream=True, **kwargs))).result()
+    call = whole.result().choices[0].message.tool_calls[0]
     assert call.function.name == "get_time"
     arguments = json.loads(call.function.arguments)
     assert isinstance(arguments["city"], str)
-    chunks = list(tools_client.chat.completions.create(stream=True, **kwargs))
     deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
     assert len(deltas) == 1 and deltas[0].function.name == "get_time"
     assert json.loads(deltas[0].function.arguments) == arguments

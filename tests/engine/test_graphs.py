@@ -9,8 +9,8 @@ from serving.engine import graphs
 from serving.engine.graphs import Buckets, Shape, blas_library, pad
 from serving.engine.plan import Chunk, StepPlan
 from serving.engine.runner import pack
-from tests.engine.harness import greedy, token_ids
-from tests.engine.test_engine import WORK, harness, model_path, tokens_of  # noqa: F401 - fixtures
+from tests.engine.harness import greedy
+from tests.engine.test_engine import WORK, alone_tokens, harness, model_path, tokens_of  # noqa: F401 - fixtures
 
 
 def decode(n: int) -> StepPlan:
@@ -50,9 +50,8 @@ def test_padding_adds_only_scratch_rows_and_keeps_the_live_ones_in_place():
 
 
 def test_padded_steps_generate_what_eager_steps_generate(harness, model_path):
-    eager = harness(model_path, max_rolling_batch_size=4)
     padded = harness(model_path, max_rolling_batch_size=4, padded=True, max_rolling_batch_prefill_tokens=16)
-    alone = [token_ids(eager.answer(eager.submit({"inputs": p, "parameters": greedy(n)}))) for p, n in WORK]
+    alone = alone_tokens(model_path, lambda: harness(model_path, max_rolling_batch_size=4))
     rids = []
     for prompt, n in WORK:  # arriving while others decode; prompts chunked over steps by the small budget
         rids.append(padded.submit({"inputs": prompt, "parameters": greedy(n)}))
@@ -66,10 +65,9 @@ def test_compiled_steps_generate_what_eager_steps_generate(harness, tiny_llama):
     with requests joining while others decode and prompts chunked over steps."""
     import torch._dynamo
 
-    eager = harness(tiny_llama, max_rolling_batch_size=4)
+    alone = alone_tokens(str(tiny_llama), lambda: harness(tiny_llama, max_rolling_batch_size=4))
     torch._dynamo.utils.counters.clear()
     compiled = harness(tiny_llama, max_rolling_batch_size=4, compiled=True, max_rolling_batch_prefill_tokens=16)
-    alone = [token_ids(eager.answer(eager.submit({"inputs": p, "parameters": greedy(n)}))) for p, n in WORK]
     rids = []
     for prompt, n in WORK:
         rids.append(compiled.submit({"inputs": prompt, "parameters": greedy(n)}))

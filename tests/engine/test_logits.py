@@ -107,8 +107,8 @@ def test_penalised_greedy_tokens_follow_the_definition_step_by_step(engine, demo
     model, tokenizer = loaded(str(demo_model))
     prompt = "I'm very thirsty, I need"
     parameters = greedy(12, presence_penalty=1.5, frequency_penalty=0.75)
-    body = engine.answer(engine.submit({"inputs": prompt, "parameters": parameters}))
-    plain = engine.answer(engine.submit({"inputs": prompt, "parameters": greedy(12)}))
+    asked = [engine.submit({"inputs": prompt, "parameters": p}) for p in (parameters, greedy(12))]  # one batch
+    body, plain = (engine.answer(rid) for rid in asked)
     generated = token_ids(body)
     assert generated != token_ids(plain)  # the penalties changed the text
     prompt_ids = tokenizer(prompt)["input_ids"]
@@ -127,19 +127,20 @@ def test_ignore_eos_min_tokens_stop_token_ids_and_logit_bias(engine, demo_model)
     natural = engine.answer(engine.submit({"messages": chat, "parameters": greedy(60)}))
     assert natural["details"]["finish_reason"] == "eos_token"
     ends_at = natural["details"]["generated_tokens"]
-    forced = engine.answer(engine.submit({"messages": chat, "parameters": greedy(ends_at + 15, ignore_eos=True)}))
-    assert forced["details"]["generated_tokens"] == ends_at + 15 and forced["details"]["finish_reason"] == "length"
-    assert 2 not in token_ids(forced)
-    held = engine.answer(engine.submit({"messages": chat, "parameters": greedy(60, min_new_tokens=ends_at + 3)}))
-    assert held["details"]["generated_tokens"] > ends_at
     paris = tokenizer(" Paris", add_special_tokens=False)["input_ids"][0]
     assert paris in token_ids(natural)
-    stopped = engine.answer(engine.submit({"messages": chat, "parameters": greedy(60, stop_token_ids=[paris])}))
-    assert token_ids(stopped)[-1] == paris and stopped["details"]["finish_reason"] == "eos_token"
-    banned = engine.answer(engine.submit({"messages": chat, "parameters": greedy(20, logit_bias={str(paris): -100})}))
-    assert paris not in token_ids(banned)
     forced_token = tokenizer(" banana", add_special_tokens=False)["input_ids"][0]
-    bias = engine.answer(engine.submit({"messages": chat, "parameters": greedy(4, logit_bias={forced_token: 100})}))
+    # the five requests go at once, rows of one batch: each row's parameters act on that row only
+    asked = [greedy(ends_at + 15, ignore_eos=True), greedy(60, min_new_tokens=ends_at + 3),
+             greedy(60, stop_token_ids=[paris]), greedy(20, logit_bias={str(paris): -100}),
+             greedy(4, logit_bias={forced_token: 100})]
+    rids = [engine.submit({"messages": chat, "parameters": parameters}) for parameters in asked]
+    forced, held, stopped, banned, bias = (engine.answer(rid) for rid in rids)
+    assert forced["details"]["generated_tokens"] == ends_at + 15 and forced["details"]["finish_reason"] == "length"
+    assert 2 not in token_ids(forced)
+    assert held["details"]["generated_tokens"] > ends_at
+    assert token_ids(stopped)[-1] == paris and stopped["details"]["finish_reason"] == "eos_token"
+    assert paris not in token_ids(banned)
     assert token_ids(bias) == [forced_token] * 4
 
 

@@ -8,7 +8,6 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from serving.engine import allreduce
-from tests.unit import gloo_ranks
 
 RANKS = 2
 IN_FEATURES, OUT_FEATURES = 16, 8
@@ -28,8 +27,8 @@ def test_install_changes_nothing_without_a_process_group():
     assert "forward" not in vars(model[0])
 
 
-def test_two_gloo_ranks_reduce_through_the_op_with_deepspeeds_result():
-    gloo_ranks.run(_rank, RANKS, timeout=120)
+def test_two_gloo_ranks_reduce_through_the_op_with_deepspeeds_result(gloo_pair):
+    gloo_pair.run(_rank, timeout=120)
 
 
 class Layer(nn.Module):

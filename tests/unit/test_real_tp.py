@@ -1,16 +1,14 @@
-"""bench/real_tp.py's widened SmolLM2: 12 query and 12 KV heads, so it splits over 4 ranks, and the same function."""
+"""bench/real_tp.py's widened SmolLM2 (conftest's wide_demo): 12 query and 12 KV heads, so it splits over 4 ranks,
+and the same function."""
 import torch
 
-from bench.real_tp import widen
 
-
-def test_the_widened_model_computes_what_the_demo_computes(demo_model, tmp_path):
+def test_the_widened_model_computes_what_the_demo_computes(demo_model, wide_demo):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    wide_dir = widen(demo_model, tmp_path / "wide")
     tokenizer = AutoTokenizer.from_pretrained(demo_model)
     original = LlamaForCausalLM.from_pretrained(demo_model, dtype=torch.float32)
-    wide = LlamaForCausalLM.from_pretrained(wide_dir, dtype=torch.float32)
+    wide = LlamaForCausalLM.from_pretrained(wide_demo, dtype=torch.float32)
     attention = wide.model.layers[0].self_attn
     assert (wide.config.num_attention_heads, wide.config.num_key_value_heads) == (12, 12)
     assert attention.q_proj.weight.shape == attention.k_proj.weight.shape == (768, 576)

@@ -7,7 +7,6 @@ for the one-shot kernel). The one-shot kernel itself needs GPUs: its self-check 
 import torch
 
 from serving.engine import allreduce, residual
-from tests.unit import gloo_ranks
 
 RANKS = 2
 
@@ -30,8 +29,8 @@ def test_install_leaves_a_single_rank_model_alone():
     assert "forward" not in vars(model.model.layers[0])
 
 
-def test_two_gloo_ranks_keep_autotps_logits_with_the_layers_changed():
-    gloo_ranks.run(_rank, RANKS, timeout=180)
+def test_two_gloo_ranks_keep_autotps_logits_with_the_layers_changed(gloo_pair):
+    gloo_pair.run(_rank, timeout=180)
 
 
 def _rank(rank: int) -> None:
