@@ -3,10 +3,13 @@ DeepSpeed's communication over gloo set up as serving/rank sets it up, and `run(
 in each (a module-level function, since the processes are spawned), failing the test if any rank fails or all
 have not finished in time. The processes stay for the next body (tests/unit/conftest.py shares one pair between
 the tests of this package), so their start, imports and process group are paid once; a failure or a timeout
-ends them, and the next run starts fresh ones.
+ends them, and the next run starts fresh ones. Ending them removes the shared-memory buffers DeepSpeed's CPU
+all-reduce made for their group (/dev/shm/deepspeed_allreduce_buffer_*_<port>_<rank>, ~70 MB each), which nothing
+else would: these ranks run outside a server's namespace (serving/namespace.py).
 """
 import os
 import queue
+from pathlib import Path
 import socket
 import time
 import traceback
@@ -20,6 +23,7 @@ class Ranks:
         self.size = size
         self.processes: list = []
         self.inboxes: list = []
+        self.port = None
 
     def run(self, body, timeout: float) -> None:
         if not self.processes:
@@ -54,11 +58,14 @@ class Ranks:
                 process.kill()
                 process.join()
         self.processes = []
+        if self.port is not None:
+            for buffer in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{self.port}_*"):
+                buffer.unlink(missing_ok=True)
 
     def _start(self) -> None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+            port = self.port = sock.getsockname()[1]
         context = mp.get_context("spawn")
         self.inboxes = [context.SimpleQueue() for _ in range(self.size)]
         self.results = context.Queue()
