@@ -120,8 +120,8 @@ class Engine:
         """The step's kind for the timeline (its graph, or eager), its tokens and the tokens its graph pads to."""
         shape = self.graphs.buckets.pick(plan) if self.graphs is not None else None
         if shape is None:
-            return ("prefill" if plan.prefill else "decode") + (" eager" if self.graphs else ""), plan.n_tokens, \
-                plan.n_tokens
+            kind = ("prefill" if plan.prefill else "decode") + (" eager" if self.graphs else "")
+            return kind, plan.n_tokens, plan.n_tokens
         return f"{'prefill' if shape.prefill else 'decode'} {shape.tokens}", plan.n_tokens, shape.tokens
 
     def step(self, plan: StepPlan) -> torch.Tensor:
