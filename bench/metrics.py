@@ -103,10 +103,10 @@ def timeline_summary(records: list[dict]) -> dict:
     out = {"steps": len(records), "host": host}
     if records and "unix_ms" in records[0]:  # the device starts the first step as the host asks (it is idle then)
         first, last = records[0], records[-1]
-        out["first_step_unix_ms"] = first["unix_ms"] - (first["gpu_ms"][0] if timed else 0)
-        out["last_step_end_unix_ms"] = out["first_step_unix_ms"] + (  # on a CPU the forward ends as it is queued
-            timed[-1]["gpu_ms"][1] if timed else last["unix_ms"] - first["unix_ms"] + last["host_ms"]["queued"]
-            - last["host_ms"]["begin"])
+        out["first_step_unix_ms"] = first["unix_ms"]
+        out["last_step_end_unix_ms"] = first["unix_ms"] + (  # device times count from an earlier step's event
+            timed[-1]["gpu_ms"][1] - timed[0]["gpu_ms"][0] if timed  # on a CPU the forward ends as it is queued
+            else last["unix_ms"] - first["unix_ms"] + last["host_ms"]["queued"] - last["host_ms"]["begin"])
     if not timed:
         return out
     span = timed[-1]["gpu_ms"][1] - timed[0]["gpu_ms"][0]

@@ -60,6 +60,9 @@ def test_a_step_timeline_gives_the_busy_share_the_gaps_and_the_time_by_kind():
     summary = timeline_summary(records)
     assert summary["steps"] == 3 and summary["span_ms"] == 38.5
     assert (summary["first_step_unix_ms"], summary["last_step_end_unix_ms"]) == (1000.0, 1038.5)
+    # device times count from the first step the server ever recorded, not this level's first
+    later = timeline_summary([{**r, "gpu_ms": [t + 5000 for t in r["gpu_ms"]]} for r in records])
+    assert (later["first_step_unix_ms"], later["last_step_end_unix_ms"]) == (1000.0, 1038.5)
     assert summary["gpu_busy_share"] == round(18 / 38.5, 3)
     assert summary["gaps"]["total_ms"] == 20.5 and summary["gaps"]["under_1ms_count"] == 1
     assert summary["gaps"]["largest"][0] == {"ms": 20.0, "after": "decode 8", "before": "decode 8", "at_ms": 14}
