@@ -20,9 +20,23 @@ from bench.output import publish
 from bench.step_time import captured_us
 from serving.engine import gemv
 from serving.engine.gemv import Config
+from serving.engine.graphs import blas_library
 
 SPAN_BYTES = 1 << 30  # weight copies per measurement: at least this many bytes, so the L2 cache never holds one
 REPLAYS = 5
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model shape's options (Llama-2-7B's by default), read back by shapes_of()."""
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=11008)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=32)
+
+
+def shapes_of(args: argparse.Namespace, tp: int) -> dict[str, tuple]:
+    return shapes(args.hidden, args.intermediate, args.vocab, args.heads, args.kv_heads, tp)
 
 
 def shapes(hidden: int, intermediate: int, vocab: int, heads: int, kv_heads: int, tp: int) -> dict[str, tuple]:
@@ -64,9 +78,8 @@ def measure(n: int, k: int, rows: int, sweep: bool, dtype: torch.dtype, layouts:
     cublas = time_us(lambda w: F.linear(x, w), weights)
     out = {"copies": copies, "cublas_us": round(cublas, 2), "cublas_GBps": gbps(cublas)}
     if layouts:  # cuBLAS's other choices for the same bytes: cuBLASLt, and the weight stored transposed ([K, N])
-        torch.backends.cuda.preferred_blas_library("cublaslt")
-        out["cublaslt_GBps"] = gbps(time_us(lambda w: F.linear(x, w), weights))
-        torch.backends.cuda.preferred_blas_library("cublas")
+        with blas_library("cublaslt"):
+            out["cublaslt_GBps"] = gbps(time_us(lambda w: F.linear(x, w), weights))
         transposed = [w.t().contiguous() for w in weights]
         out["transposed_GBps"] = gbps(time_us(lambda w: x @ w, transposed))
         del transposed
@@ -100,11 +113,7 @@ def measure(n: int, k: int, rows: int, sweep: bool, dtype: torch.dtype, layouts:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--intermediate", type=int, default=11008)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=32)
+    add_model_arguments(parser)
     parser.add_argument("--tp", type=int, action="append")
     parser.add_argument("--rows", type=int, action="append")
     parser.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))
@@ -115,7 +124,7 @@ def main() -> None:
     dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
     report = {"card": torch.cuda.get_device_name(0), "dtype": args.dtype, "results": {}}
     for tp in args.tp or [1, 2, 4]:
-        for name, (n, k) in shapes(args.hidden, args.intermediate, args.vocab, args.heads, args.kv_heads, tp).items():
+        for name, (n, k) in shapes_of(args, tp).items():
             for rows in args.rows or [1, 4, 16, 64]:
                 key = f"tp{tp} {name} {n}x{k} rows {rows}"
                 report["results"][key] = result = measure(n, k, rows, args.sweep, dtype, args.layouts)

@@ -147,5 +147,6 @@ def mixed(h, model_dir: str, concurrency: int, output_len: int) -> dict:
                 {"generation": g, "ms": round(t * 1000, 2), "at_ms": round((at - started) * 1000)}
                 for g, at, t in sorted(pauses, key=lambda p: -p[2])[:6]]}, **timeline_summary(records)}
 
+
 if __name__ == "__main__":
     main()
