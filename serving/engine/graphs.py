@@ -13,10 +13,8 @@ Padding only adds rows whose results nobody reads, so a padded step's kept logit
 (tests/engine check this token for token on the CPU, where the padded plan runs eagerly).
 
 What a graph records is the compiled forward when the runner has one (runner.compile, `option.torch_compile`):
-Inductor fuses each layer's small kernels first, then capture removes the launches. Steps no graph holds run the
-compiled layers eagerly, unpadded: prompt steps of more than PREFILL_GRAPH_TOKENS tokens, which keep the device
-busy long enough to hide the launches, and steps that keep more logits than a graph has rows (prompt
-log-probabilities).
+Inductor fuses each layer's small kernels first, then capture removes the launches. Steps no graph holds (more kept logits than rows, as with prompt log-probabilities,
+or more tokens than the largest graph) run eagerly.
 """
 import contextlib
 import logging
@@ -38,12 +36,6 @@ DECODE_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160
 # tokens; 1.5x apart, 9%)
 PREFILL_TOKENS = (32, 64, 128, 256, 384, 512, 640, 768, 1024, 1280, 1536, 2048, 2560, 3072, 3584, 4096, 5120, 6144,
                   8192)
-# Prompt steps of more tokens than this get no graph: they run the compiled layers eagerly, unpadded. Such a step
-# keeps the device busy for tens of milliseconds, so launching its kernels from the host costs nothing, while
-# padding it to a bucket costs the padded tokens' full compute (the 64-stream workload padded 7% of the prompt
-# tokens of its steps over 1,024). Fewer graphs also capture faster. TPSERVE_PREFILL_GRAPH_TOKENS overrides it
-# (A/B benchmarks; a large value captures every bucket up to the prefill budget, as before).
-PREFILL_GRAPH_TOKENS = int(os.environ.get("TPSERVE_PREFILL_GRAPH_TOKENS", "1024"))
 # Decode graphs of more rows than the streaming projections take (gemv.py) are captured with cuBLASLt's kernels,
 # prompt graphs with cuBLAS's: at 32-128 rows cuBLASLt read down_proj's weights 11-25% faster and the others as
 # fast, while cuBLAS ran the 4,096-token prompt matmuls 4-12% faster (one H200, bench.gemv --layouts and
@@ -73,12 +65,12 @@ class Shape:
 class Buckets:
     """The graphs an engine captures, from its slot count and prefill budget, and which one runs a plan."""
 
-    def __init__(self, slots: int, prefill_tokens: int, max_len: int, graph_tokens: int = PREFILL_GRAPH_TOKENS):
+    def __init__(self, slots: int, prefill_tokens: int, max_len: int):
         self.max_len = max_len
         rows = [b for b in DECODE_ROWS if b < slots] + [slots]
         self.decode = [Shape(b, b, b, False) for b in rows]
         largest = slots + prefill_tokens  # every row decoding and a full prefill budget
-        sizes = [t for t in PREFILL_TOKENS if t < min(largest, graph_tokens)] + [min(largest, graph_tokens)]
+        sizes = [t for t in PREFILL_TOKENS if t < largest] + [largest]
         # every row a sequence, plus the dummy chunks that pad the tokens (each at most max_len long)
         self.prefill = [Shape(t, slots + -(-t // max_len), slots + 1, True) for t in sizes]
 
@@ -87,8 +79,7 @@ class Buckets:
         return self.decode + self.prefill
 
     def pick(self, plan: StepPlan) -> Shape | None:
-        """The smallest graph that holds the plan, or None (run it eagerly: more tokens than the largest prompt
-        graph, or more kept logits than it has rows)."""
+        """The smallest graph that holds the plan, or None (run it eagerly)."""
         if not plan.prefill:
             return next((s for s in self.decode if s.seqs >= len(plan.decode_slots)), None)
         seqs = len(plan.decode_slots) + len(plan.prefill)

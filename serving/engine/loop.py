@@ -132,7 +132,7 @@ class Engine:
                 torch.distributed.broadcast(self.sampled, src=0)
             feed = Feed.of(plan, self.sampled)
         logits = self.graphs.run(plan, feed) if self.graphs is not None else None
-        return self.runner.run(plan, feed, compiled=self.graphs is not None) if logits is None else logits
+        return self.runner.run(plan, feed) if logits is None else logits
 
     def keep_sampled(self, tokens: torch.Tensor) -> None:
         """Rank 0: the tokens just sampled, for the next step's plan.fed (queued, no wait)."""

@@ -137,12 +137,11 @@ class ModelRunner:
         return True
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan, feed: Feed | None = None, compiled: bool = False) -> torch.Tensor:
-        """Logits of the plan's kept positions, [len(plan.keep), vocab] float32, from one eager forward
-        (`compiled`: through the compiled layers, if any: the steps no captured graph holds)."""
+    def run(self, plan: StepPlan, feed: Feed | None = None) -> torch.Tensor:
+        """Logits of the plan's kept positions, [len(plan.keep), vocab] float32."""
         inputs = StepTensors(pack(plan, self.cache.max_len), self.device)
         inputs.take(feed)
-        logits = self.forward(inputs, None if self.varlen else self.slot_rows(plan), compiled)
+        logits = self.forward(inputs, None if self.varlen else self.slot_rows(plan))
         return logits[0, :len(plan.keep)].float()
 
     def forward(self, inputs: StepTensors, rows: SlotRows | None, compiled: bool = False) -> torch.Tensor:

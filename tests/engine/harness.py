@@ -27,11 +27,9 @@ def loaded(model_dir: str):
 
 
 class EngineHarness:
-    def __init__(self, model_dir: str, padded: bool = False, compiled: bool = False, graph_tokens: int | None = None,
-                 **properties):
+    def __init__(self, model_dir: str, padded: bool = False, compiled: bool = False, **properties):
         """`padded`: run every step the way a CUDA graph would, padded to its bucket (graphs.py), eagerly.
-        `compiled`: and through the compiled layers and the variable-length attention operator, as on a GPU.
-        `graph_tokens`: the largest prompt step given a bucket (graphs.PREFILL_GRAPH_TOKENS)."""
+        `compiled`: and through the compiled layers and the variable-length attention operator, as on a GPU."""
         model, tokenizer = loaded(model_dir)
         eos = model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos])
@@ -41,9 +39,7 @@ class EngineHarness:
             self.engine.runner.varlen = True
             assert self.engine.runner.compile()
         if padded or compiled:
-            limit = {} if graph_tokens is None else {"graph_tokens": graph_tokens}
-            buckets = Buckets(self.engine.cache.slots, self.engine.settings.prefill_tokens, self.engine.max_len,
-                              **limit)
+            buckets = Buckets(self.engine.cache.slots, self.engine.settings.prefill_tokens, self.engine.max_len)
             self.engine.graphs = StepGraphs(self.engine.runner, buckets)
         self.tokenizer = tokenizer
         self.relay = Relay(SoloComm(), worker=None, socket_path="unused")
