@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from bench.load import run_load
+from bench.load import client_gc, run_load
 from bench.metrics import Hardware, Shape, floor_tpot, roofline_tokens_per_s, summarize, timeline_summary
 from serving.engine.timeline import ENV as TIMELINE
 
@@ -182,9 +182,11 @@ def measure(url: str, path: str, tp: int | None, concurrency: int, workload, arg
     timeline = Path(os.environ[TIMELINE]) if args.timeline else None
     if timeline:
         written(timeline).unlink(missing_ok=True)
-    sent = time.time() * 1000
-    timings, duration = asyncio.run(run_load(url, texts, output_len, concurrency, args.rate, args.seed))
-    row = {"path": path, "tp": tp, "concurrency": concurrency, **summarize(timings, duration)}
+    with client_gc() as collections:
+        sent = time.time() * 1000
+        timings, duration = asyncio.run(run_load(url, texts, output_len, concurrency, args.rate, args.seed))
+    row = {"path": path, "tp": tp, "concurrency": concurrency, **summarize(timings, duration),
+           "client_gc": {key: round(value, 1) for key, value in collections.items()}}
     if timeline:
         row["timeline"] = summary = timeline_summary(
             [json.loads(line) for line in written(timeline).read_text().splitlines()])

@@ -76,3 +76,20 @@ def test_a_step_timeline_gives_the_busy_share_the_gaps_and_the_time_by_kind():
     # the last step's begin plus its forward (1 ms)
     assert timeline_summary(records) == {"steps": 3, "host": summary["host"], "first_step_unix_ms": 1000.0,
                                          "last_step_end_unix_ms": 1031.0}
+
+
+def test_the_load_generator_freezes_what_exists_and_counts_its_own_collections():
+    """bench.load.client_gc: objects from before a level are frozen (a full collection skips them), the
+    collections inside are counted with their time, and everything is as before afterwards."""
+    import gc
+
+    from bench.load import client_gc
+
+    assert gc.get_freeze_count() == 0
+    callbacks = list(gc.callbacks)
+    with client_gc() as stats:
+        assert gc.get_freeze_count() > 1000  # this process's modules, pytest's objects
+        gc.collect()
+        gc.collect(0)
+    assert stats["collections"] == 2 and stats["ms"] >= stats["longest_ms"] > 0
+    assert gc.get_freeze_count() == 0 and gc.callbacks == callbacks
