@@ -118,6 +118,11 @@ class RankConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    @property
+    def lost(self) -> bool:
+        """The connection ended (on_lost was told)."""
+        return self._lost
+
     def _report(self, exc: Exception | None) -> None:
         if not self._lost:
             self._lost = True
@@ -261,14 +266,20 @@ class WorkerGroup:
                  self.loaded_in * 1000)
 
     async def stop(self) -> None:
-        """Ask the ranks to shut down, then make sure the whole tree is gone."""
+        """Ask the ranks to shut down, then make sure the whole tree is gone. Rank 0 sends its last frames (the
+        answers of the unit it was running), then closes its socket and exits: the group is torn down once that
+        socket is closed (every frame read) and mpirun has exited, or after 5 s."""
         self._stopping = True
         ready = self.state == State.READY
         self.state = State.STOPPED
         if ready and self._connection is not None and self._process is not None and self._process.returncode is None:
+            closed = asyncio.get_running_loop().create_future()
+            if self._connection.lost:
+                closed.set_result(None)
+            self._connection.on_lost = lambda exc: closed.done() or closed.set_result(None)
             self._send(Shutdown())
             try:
-                await asyncio.wait_for(self._process.wait(), 5)
+                await asyncio.wait_for(asyncio.gather(closed, self._process.wait()), 5)
             except TimeoutError:
                 log.warning("model %s: ranks did not exit within 5 s of shutdown; killing them", self.name)
         await self._kill()

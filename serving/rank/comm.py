@@ -35,6 +35,9 @@ class SoloComm:
     def gather(self, value: Any) -> list[Any]:
         return [value]
 
+    def finalize(self) -> None:
+        pass
+
 
 class MpiComm:
     def __init__(self):
@@ -92,6 +95,12 @@ class MpiComm:
     def gather(self, value: Any) -> list[Any] | None:
         """Every rank's `value` at rank 0 (None elsewhere); used once per model load, so blocking is fine."""
         return self.comm.gather(value, root=0)
+
+    def finalize(self) -> None:
+        """MPI_Finalize, which mpi4py leaves to the interpreter's exit: a rank that leaves with os._exit calls it
+        here (it waits for every rank of the group to call it too)."""
+        from mpi4py import MPI
+        MPI.Finalize()
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:
