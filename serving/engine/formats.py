@@ -17,7 +17,7 @@ DJL routes too. Everything else is LMI. As TGI does, a special token (end of seq
 import functools
 from typing import Any
 
-from serving.engine.detokenize import Sequence
+from serving.engine.detokenize import Sequence, token_text
 from serving.schemas import GenerationParameters, Token, finite
 
 LMI, TGI, TGI_LIST = "lmi", "tgi", "tgi-list"
@@ -67,7 +67,7 @@ class Answers:
             return event
         special = token in special_ids(self.tokenizer)
         if special:
-            text += self.tokenizer.decode([token])
+            text += token_text(self.tokenizer)(token)
         event = {"index": len(sequence.ids), "token": {"id": token, "text": text, "logprob": finite(log_prob),
                                                        "special": special}}
         if self.params.top_n_tokens and sequence.top:
@@ -115,7 +115,7 @@ class Answers:
         details = {
             "finish_reason": sequence.finish or "length", "generated_tokens": len(sequence.ids), "seed": sequence.seed,
             "prefill": [{"id": t.id, "text": t.text, "logprob": finite(t.log_prob)} for t in sequence.prefill or ()],
-            "tokens": [{"id": token, "text": self.tokenizer.decode([token]), "logprob": finite(log_prob),
+            "tokens": [{"id": token, "text": token_text(self.tokenizer)(token), "logprob": finite(log_prob),
                         "special": token in special} for token, log_prob in zip(sequence.ids, sequence.log_probs)]}
         if sequence.top:
             details["top_tokens"] = [[self._tgi_token(alternative) for alternative in step] for step in sequence.top]

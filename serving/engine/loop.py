@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from serving.engine import allreduce, attention, gemv, residual
 from serving.engine.constraints import grammar_for
-from serving.engine.detokenize import Sequence
+from serving.engine.detokenize import Sequence, token_text
 from serving.engine.formats import Answers, output_format
 from serving.engine.fuse import fuse_projections
 from serving.engine.graphs import Buckets, StepGraphs
@@ -380,7 +380,7 @@ class EngineLoop:
         tokenizer = self.engine.tokenizer
         if not sequence.ids and request.params.details and request.params.decoder_input_details:
             sequence.prefill = prompt_details(tokenizer, row)
-        top = [Token(id=i, text=tokenizer.decode([i]), log_prob=lp) for i, lp in draw.top] if draw.top else None
+        top = [Token(id=i, text=token_text(tokenizer)(i), log_prob=lp) for i, lp in draw.top] if draw.top else None
         text = sequence.add(draw.token, draw.log_prob, top)
         reason = row.ending or sequence.text_finish()
         if reason is not None:
@@ -468,5 +468,6 @@ class EngineLoop:
 def prompt_details(tokenizer, row: Row) -> list[Token]:
     """The prompt's tokens with the log-probability of each given the ones before it (the first has none: null)."""
     ids = row.prompt_ids
-    return [Token(id=ids[0], text=tokenizer.decode([ids[0]]), log_prob=None)] + [
-        Token(id=t, text=tokenizer.decode([t]), log_prob=lp) for t, lp in zip(ids[1:], row.prompt_log_probs)]
+    text = token_text(tokenizer)
+    return [Token(id=ids[0], text=text(ids[0]), log_prob=None)] + [
+        Token(id=t, text=text(t), log_prob=lp) for t, lp in zip(ids[1:], row.prompt_log_probs)]

@@ -165,12 +165,16 @@ def test_tgi_answers_name_special_tokens_and_never_send_nan(demo_model):
 
 def test_the_fast_decoder_decodes_as_the_tokenizer_does(demo_model):
     from handlers.loading import load_tokenizer
-    from serving.engine.detokenize import decoder
+    from serving.engine.detokenize import decoder, token_text
 
     tokenizer = load_tokenizer(str(demo_model))
     ids = tokenizer("Ünïcode, émojis 🎉 and <|im_start|> special tokens")["input_ids"] + [0, 1, 2]
     for end in range(1, len(ids) + 1):
         assert decoder(tokenizer)(ids[:end]) == tokenizer.decode(ids[:end], skip_special_tokens=True)
+    # one token's text, special tokens kept, remembered: the same answer asked twice
+    for _ in range(2):
+        assert [token_text(tokenizer)(i) for i in ids] == [tokenizer.decode([i]) for i in ids]
+    assert token_text(tokenizer)(1) == "<|im_start|>"
 
 
 def test_fused_projections_compute_what_the_separate_ones_did():
