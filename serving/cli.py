@@ -20,6 +20,7 @@ from serving.api.auth import ENV as API_KEY_ENV, check_exposure
 from serving.app import make_app
 from serving.config import PROPERTIES_FILE, ConfigError, ModelConfig, ServerSettings, load_model_config
 from serving.drain import DRAIN
+from serving.heap import freeze_loaded_objects
 
 log = logging.getLogger("tpserve")
 
@@ -61,6 +62,7 @@ async def serve(app: web.Application, host: str, port: int, settings: ServerSett
     try:
         site = web.TCPSite(runner, host, port)
         await site.start()
+        freeze_loaded_objects("front end")  # the app's modules and routes, before any request
         log.info("Listening on http://%s:%d", host, port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from serving.frames import Batch, Init
+from serving.heap import freeze_loaded_objects
 from serving.logs import REQUEST_ID
 from serving.rank.hints import explain
 from serving.rank.inputs import Input
@@ -60,6 +61,7 @@ class Worker:
             log.exception("rank[%d] failed to load the model", self.rank)
             return explain(exc)
         log.info("rank[%d] model loaded in %d ms", self.rank, (time.monotonic() - started) * 1000)
+        freeze_loaded_objects(f"rank[{self.rank}]")
         return None
 
     def run(self, unit: Batch, cancelled: Callable[[int], bool],
