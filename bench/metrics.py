@@ -93,7 +93,8 @@ def timeline_summary(records: list[dict]) -> dict:
     """Rank 0's step timeline (serving/engine/timeline.py records, in order) summed up: the device's busy share
     between the first step's start and the last one's end, the gaps between steps (short ones are sampling and
     the token broadcast; long ones a device waiting for the host), the time by step kind, and the host's median
-    time per phase. Without device times (CPU) only the host's part."""
+    time per phase, and the garbage collector's pauses in the loop's process. Without device times (CPU) only the
+    host's part."""
     timed = [r for r in records if "gpu_ms" in r]
     host = {}
     for before, after in (("begin", "queued"), ("queued", "emitted"), ("emitted", "sampled")):
@@ -101,6 +102,9 @@ def timeline_summary(records: list[dict]) -> dict:
                  if before in r["host_ms"] and after in r["host_ms"]]
         host[f"{before}_to_{after}_p50_ms"] = round(percentile(spans, 50), 3)
     out = {"steps": len(records), "host": host}
+    pauses = [ms for r in records for _, ms in r.get("gc", ())]
+    out["gc"] = {"collections": len(pauses), "ms": round(sum(pauses), 1), "longest_ms": round(max(pauses, default=0), 1),
+                 "full": sum(1 for r in records for generation, _ in r.get("gc", ()) if generation == 2)}
     if records and "unix_ms" in records[0]:  # the device starts the first step as the host asks (it is idle then)
         first, last = records[0], records[-1]
         out["first_step_unix_ms"] = first["unix_ms"]

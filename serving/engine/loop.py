@@ -252,6 +252,7 @@ class EngineLoop:
         finally:
             if self.timeline:
                 self.timeline.flush()
+                self.timeline.close()
             with self.relay.cond:
                 self.stopping = True
                 self.relay.cond.notify_all()

@@ -3,7 +3,7 @@
 With TPSERVE_STEP_TIMELINE=FILE in the server's environment, the engine loop records each step: its kind and
 size, the host's clock when it began (also as Unix time, to line up with a client's clock), queued its forward,
 streamed last step's tokens and queued its sampling, and on CUDA two events around the forward, so the device's
-own time and the gaps between steps are known. The records are appended to FILE as JSON lines each time the loop
+own time and the gaps between steps are known, and the garbage collector's pauses on the loop's process. The records are appended to FILE as JSON lines each time the loop
 goes idle (the events are complete by then), so a benchmark reads them between load levels without stopping the
 server. bench/metrics.py's timeline_summary() turns them into the GPU's busy share, the gaps and the time by step
 kind.
@@ -13,7 +13,9 @@ kind.
     queued()                    its forward is queued (CUDA event after it)
     mark(phase)                 the host finished a later phase of the step ("emitted", "sampled")
     flush()                     append every finished step to the file
+    close()                     stop hearing of garbage collections
 """
+import gc
 import json
 import logging
 import os
@@ -32,6 +34,8 @@ class Timeline:
         self.cuda = device.type == "cuda"
         self.records: list[dict] = []
         self.origin: tuple[float, torch.cuda.Event | None] | None = None  # host clock and event of the first step
+        self._collecting: float | None = None
+        gc.callbacks.append(self._collection)
 
     @classmethod
     def from_env(cls, device: torch.device) -> "Timeline | None":
@@ -74,6 +78,18 @@ class Timeline:
         except OSError as error:  # a benchmark's aid never stops the loop
             log.warning("step timeline not written to %s: %s", self.path, error)
         self.records.clear()  # after the write: a reader that sees no records left finds them all in the file
+
+    def close(self) -> None:
+        if self._collection in gc.callbacks:
+            gc.callbacks.remove(self._collection)
+
+    def _collection(self, phase: str, info: dict) -> None:
+        """A garbage collection (any thread of the process): its time goes to the step recorded last."""
+        if phase == "start":
+            self._collecting = time.perf_counter()
+        elif self._collecting is not None and self.records:
+            pauses = self.records[-1].setdefault("gc", [])
+            pauses.append([info["generation"], round((time.perf_counter() - self._collecting) * 1000, 3)])
 
     def _event(self) -> "torch.cuda.Event | None":
         if not self.cuda:

@@ -55,10 +55,12 @@ def test_a_step_timeline_gives_the_busy_share_the_gaps_and_the_time_by_kind():
     records = [step("prefill 512", 400, 512, [0.0, 10.0], [0, 1, 2, 3]),
                step("decode 8", 8, 8, [10.5, 14.5], [4, 5, 7, 8]),
                step("decode 8", 7, 8, [34.5, 38.5], [30, 31, 34, 35])]
+    records[1]["gc"] = [[0, 0.25], [2, 19.5]]  # a full collection stalled the loop after the first decode step
     for record in records:  # the host's Unix clock when it began each step
         record["unix_ms"] = 1000.0 + record["host_ms"]["begin"]
     summary = timeline_summary(records)
     assert summary["steps"] == 3 and summary["span_ms"] == 38.5
+    assert summary["gc"] == {"collections": 2, "ms": 19.8, "longest_ms": 19.5, "full": 1}
     assert (summary["first_step_unix_ms"], summary["last_step_end_unix_ms"]) == (1000.0, 1038.5)
     # device times count from the first step the server ever recorded, not this level's first
     later = timeline_summary([{**r, "gpu_ms": [t + 5000 for t in r["gpu_ms"]]} for r in records])
@@ -74,8 +76,8 @@ def test_a_step_timeline_gives_the_busy_share_the_gaps_and_the_time_by_kind():
     for record in records:
         del record["gpu_ms"]
     # the last step's begin plus its forward (1 ms)
-    assert timeline_summary(records) == {"steps": 3, "host": summary["host"], "first_step_unix_ms": 1000.0,
-                                         "last_step_end_unix_ms": 1031.0}
+    assert timeline_summary(records) == {"steps": 3, "host": summary["host"], "gc": summary["gc"],
+                                         "first_step_unix_ms": 1000.0, "last_step_end_unix_ms": 1031.0}
 
 
 def test_the_load_generator_freezes_what_exists_and_counts_its_own_collections():
@@ -93,3 +95,27 @@ def test_the_load_generator_freezes_what_exists_and_counts_its_own_collections()
         gc.collect(0)
     assert stats["collections"] == 2 and stats["ms"] >= stats["longest_ms"] > 0
     assert gc.get_freeze_count() == 0 and gc.callbacks == callbacks
+
+
+def test_the_timeline_hears_the_collections_of_its_process(tmp_path):
+    """serving/engine/timeline.py: a garbage collection during a step is recorded on that step, with its
+    generation; after close() collections are not heard any more."""
+    import gc
+    import json
+
+    import torch
+
+    from serving.engine.timeline import Timeline
+
+    timeline = Timeline(tmp_path / "t.jsonl", torch.device("cpu"))
+    gc.collect()  # nothing left over to collect during the step but what the test asks for
+    timeline.begin("decode 1", 1, 1)
+    timeline.queued()
+    gc.collect()
+    timeline.flush()
+    timeline.close()
+    timeline.begin("decode 1", 1, 1)
+    gc.collect()
+    (record,) = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert [generation for generation, _ in record["gc"]] == [2] and record["gc"][0][1] >= 0
+    assert "gc" not in timeline.records[-1]
