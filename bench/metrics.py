@@ -89,6 +89,20 @@ def roofline_tokens_per_s(shape: Shape, hw: Hardware, prompt_lengths: list[int],
     return len(prompt_lengths) * output_len / (decode_s + prefill_s)
 
 
+def partings(reference: list[list[int]], margins: list[list[float]], other: list[list[int]]) -> list[dict | None]:
+    """Where two paths' greedy tokens for the same prompts part: for each prompt None (equal), or the first token
+    that differs and the reference's margin there (its top-1 minus top-2 log-probability, what the argmax stood
+    on). A random-weight model has near-ties that any change of fp16 rounding flips; a parting at a wide margin
+    would be a real difference."""
+    out = []
+    for ids, gaps, theirs in zip(reference, margins, other):
+        at = next((i for i, (a, b) in enumerate(zip(ids, theirs)) if a != b), None)
+        if at is None and len(ids) != len(theirs):
+            at = min(len(ids), len(theirs))
+        out.append(None if at is None else {"token": at, "margin": round(gaps[at], 4) if at < len(gaps) else None})
+    return out
+
+
 def timeline_summary(records: list[dict]) -> dict:
     """Rank 0's step timeline (serving/engine/timeline.py records, in order) summed up: the device's busy share
     between the first step's start and the last one's end, the gaps between steps (short ones are sampling and

@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from bench.load import client_gc, run_load
-from bench.metrics import Hardware, Shape, floor_tpot, roofline_tokens_per_s, summarize, timeline_summary
+from bench.metrics import (Hardware, Shape, floor_tpot, partings, roofline_tokens_per_s, summarize,
+                           timeline_summary)
 from serving.engine.timeline import ENV as TIMELINE
 
 WORDS = ("the of and to in is was for on that with as by at from his her he she it they we you this be are "
@@ -111,6 +112,7 @@ def main(argv=None) -> None:
         report["graph_equals_eager"] = {
             f"TP={tp}": f"tpserve TP={tp}" in greedy and greedy[f"tpserve TP={tp}"] == greedy.get(f"tpserve eager TP={tp}")
             for tp in args.tp or [1]} if args.eager else None
+        report["partings"] = greedy_partings(greedy, report.get("greedy_margins", {}))
         if args.baselines or args.only_baselines:
             rows += run_baselines(args, levels, workloads, hw, report["model"])
     print_table(report)
@@ -134,7 +136,9 @@ def measure_server(args, tp: int, path: str, eager: bool, levels, workloads, pro
     extra = ["option.enable_cuda_graph=false"] if eager else []
     with served(args.model_dir, tp, args, extra) as (url, server):
         report.setdefault("servers", {})[f"{path} TP={tp}"] = server
-        report.setdefault("greedy_ids", {})[f"{path} TP={tp}"] = greedy_ids(url, workloads[levels[0]], 4)
+        name = f"{path} TP={tp}"
+        report.setdefault("greedy_ids", {})[name], report.setdefault("greedy_margins", {})[name] = greedy_ids(
+            url, workloads[levels[0]], 4)
         for probe, workload in probes.items():
             row = measure(url, f"{path} probe {probe}", tp, 1, workload[:4] if eager else workload, args, hw,
                           report["model"], int(probe.split(":")[1]))
@@ -211,17 +215,36 @@ def written(path: Path, settle: float = 0.5, limit: float = 30) -> Path:
     return path
 
 
-def greedy_ids(url: str, workload, count: int = 2, tokens: int = 32) -> list[list[int]]:
-    """Greedy token ids of the first prompts, to compare across TP degrees."""
+def greedy_ids(url: str, workload, count: int = 2, tokens: int = 32) -> tuple[list[list[int]], list[list[float]]]:
+    """Greedy token ids of the first prompts, to compare across TP degrees and paths, and each token's margin
+    (top-1 minus top-2 log-probability): where two paths part, it tells a near-tie from a real difference."""
     import requests
 
-    ids = []
+    ids, margins = [], []
     for text, _ in workload[:count]:
-        body = {"inputs": text, "parameters": {"max_new_tokens": tokens, "min_new_tokens": tokens, "details": True}}
+        body = {"inputs": text, "parameters": {"max_new_tokens": tokens, "min_new_tokens": tokens, "details": True,
+                                               "top_n_tokens": 2}}
         response = requests.post(url, json=body, timeout=600)
         response.raise_for_status()
-        ids.append([t["id"] for t in response.json()["details"]["tokens"]])
-    return ids
+        details = response.json()["details"]
+        ids.append([t["id"] for t in details["tokens"]])
+        margins.append([top[0]["log_prob"] - top[1]["log_prob"] for top in details.get("top_tokens") or ()])
+    return ids, margins
+
+
+def greedy_partings(greedy: dict, margins: dict) -> dict:
+    """Where each server's greedy ids part from those of the same path at TP=1, and from the eager path's at the
+    same TP, with the reference's margin there (bench.metrics.partings)."""
+    out = {}
+    for name, ids in greedy.items():
+        path, _, tp = name.rpartition(" TP=")
+        references = [f"{path} TP=1"] if tp != "1" else []
+        if path == "tpserve":
+            references.append(f"tpserve eager TP={tp}")
+        for reference in references:
+            if reference in greedy:
+                out[f"{name} against {reference}"] = partings(greedy[reference], margins[reference], ids)
+    return out
 
 
 def add_bounds(row: dict, hw: Hardware | None, model: dict, lengths: list[int], output_len: int,

@@ -119,3 +119,16 @@ def test_the_timeline_hears_the_collections_of_its_process(tmp_path):
     (record,) = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
     assert [generation for generation, _ in record["gc"]] == [2] and record["gc"][0][1] >= 0
     assert "gc" not in timeline.records[-1]
+
+
+def test_partings_name_the_first_differing_token_and_the_margin_it_stood_on():
+    from bench.metrics import partings
+    from bench.serve import greedy_partings
+
+    reference, margins = [[1, 2, 3], [4, 5, 6], [7, 8]], [[2.0, 0.01, 1.0], [1.0, 1.0, 1.0], [0.5, 0.5]]
+    assert partings(reference, margins, [[1, 9, 3], [4, 5, 6], [7]]) == [
+        {"token": 1, "margin": 0.01}, None, {"token": 1, "margin": 0.5}]
+    greedy = {"tpserve TP=1": reference, "tpserve eager TP=1": reference, "tpserve TP=2": [[1, 2, 4], [4, 5, 6], [7, 8]]}
+    found = greedy_partings(greedy, {name: margins for name in greedy})
+    assert found == {"tpserve TP=1 against tpserve eager TP=1": [None, None, None],
+                     "tpserve TP=2 against tpserve TP=1": [{"token": 2, "margin": 1.0}, None, None]}
