@@ -3,10 +3,10 @@
 With TPSERVE_STEP_TIMELINE=FILE in the server's environment, the engine loop records each step: its kind and
 size, the host's clock when it began (also as Unix time, to line up with a client's clock), queued its forward,
 streamed last step's tokens and queued its sampling, and on CUDA two events around the forward, so the device's
-own time and the gaps between steps are known, and the garbage collector's pauses on the loop's process. The records are appended to FILE as JSON lines each time the loop
-goes idle (the events are complete by then), so a benchmark reads them between load levels without stopping the
-server. bench/metrics.py's timeline_summary() turns them into the GPU's busy share, the gaps and the time by step
-kind.
+own time and the gaps between steps are known; and the garbage collector's pauses in the loop's process. The
+records are appended to FILE as JSON lines each time the loop goes idle (the events are complete by then), so a
+benchmark reads them between load levels without stopping the server. bench/metrics.py's timeline_summary() turns
+them into the GPU's busy share, the gaps, the time by step kind and the collections.
 
     Timeline.from_env(device)   a Timeline if TPSERVE_STEP_TIMELINE is set, else None
     begin(kind, tokens, padded) a step starts (host clock; CUDA event)
