@@ -16,7 +16,9 @@ from serving.worker_group import WorkerGroup
 from tests.conftest import FIXTURES, model_dir
 
 HANDLER_SECONDS = 0.5  # how long rank 0 is still busy with the request when the shutdown comes
-STOP_LIMIT = 0.5  # seconds the ranks may take to leave beyond that (on 2 cores: 0.1-0.15 s; before, 1.0-1.1 s)
+# seconds the ranks may take to leave beyond that: on 2 cores 0.1-0.15 s, and 1.0-2.0 s before they left with
+# os._exit; room for a busy CI box
+STOP_LIMIT = 0.9
 
 
 @pytest.fixture
