@@ -8,8 +8,11 @@ on the same card and requests, and the workload's roofline bound beside each row
 
 `--probe P:O` adds a row per TP of 8 requests one at a time, P prompt tokens and O output tokens each (batch-1
 time per token, time to first token of a long prompt). `--eager` also serves each TP with
-option.enable_cuda_graph=false: its greedy tokens must equal the captured path's (`graph_equals_eager`), and its
-probes and first concurrency level are measured as "tpserve eager", beside the ready time of both.
+option.enable_cuda_graph=false: its greedy tokens are compared with the captured path's (`graph_equals_eager`), and
+its probes and first concurrency level are measured as "tpserve eager", beside the ready time of both. Greedy
+tokens come with each token's margin (top-1 minus top-2 log-probability), and `partings` names where each server's
+tokens part from TP=1's and from the eager path's and on what margin: a near-tie that fp16 rounding flips, or a
+real difference.
 `--timeline` has each server's rank 0 record its step timeline (serving/engine/timeline.py) and adds its summary to
 each row: the GPU's busy share, the gaps between steps, the time by step kind.
 
