@@ -4,9 +4,9 @@ of requests, at most `concurrency` in flight, optionally released at a Poisson r
 
 The load generator runs in bench.serve's process, which holds torch and a tokenizer (~300,000 objects): a full
 collection of Python's garbage collector in the middle of a burst stopped the client for 240 ms on the 2-core box,
-time that is the client's and not the server's. So
-`client_gc` freezes the objects that exist before a level (gc.freeze: later collections skip them) and counts
-the collections during it, which a report shows beside the level."""
+time that is the client's and not the server's. So `client_gc` freezes the objects that exist before a level
+(gc.freeze: later collections skip them) and counts the collections during it, which a report shows beside the
+level."""
 import asyncio
 import contextlib
 import gc

@@ -138,14 +138,17 @@ def mixed(h, model_dir: str, concurrency: int, output_len: int) -> dict:
     deadline = time.monotonic() + 30
     while h.loop.timeline.records and time.monotonic() < deadline:  # the loop writes them once it is idle
         time.sleep(0.05)
+    h.loop.timeline.close()
     h.loop.timeline = None
     records = [json.loads(line) for line in path.read_text().splitlines()]
+    # this run's own account of the collections (the whole wall time, the largest with their times) stands over the
+    # timeline's (steps only)
     return {"requests": len(prompts), "prompt_tokens": sum(n for _, n in prompts), "output_tokens_per_s":
-            round(len(prompts) * output_len / wall, 1), "wall_s": round(wall, 2), "gc": {
+            round(len(prompts) * output_len / wall, 1), "wall_s": round(wall, 2), **timeline_summary(records), "gc": {
             "collections": collections.Counter(g for g, _, _ in pauses), "total_ms": round(
                 sum(t for _, _, t in pauses) * 1000, 1), "largest": [
                 {"generation": g, "ms": round(t * 1000, 2), "at_ms": round((at - started) * 1000)}
-                for g, at, t in sorted(pauses, key=lambda p: -p[2])[:6]]}, **timeline_summary(records)}
+                for g, at, t in sorted(pauses, key=lambda p: -p[2])[:6]]}}
 
 
 if __name__ == "__main__":

@@ -116,9 +116,10 @@ def timeline_summary(records: list[dict]) -> dict:
                  if before in r["host_ms"] and after in r["host_ms"]]
         host[f"{before}_to_{after}_p50_ms"] = round(percentile(spans, 50), 3)
     out = {"steps": len(records), "host": host}
-    pauses = [ms for r in records for _, ms in r.get("gc", ())]
+    collections = [pause for r in records for pause in r.get("gc", ())]  # [generation, ms]
+    pauses = [ms for _, ms in collections]
     out["gc"] = {"collections": len(pauses), "ms": round(sum(pauses), 1), "longest_ms": round(max(pauses, default=0), 1),
-                 "full": sum(1 for r in records for generation, _ in r.get("gc", ()) if generation == 2)}
+                 "full": sum(1 for generation, _ in collections if generation == 2)}
     if records and "unix_ms" in records[0]:  # the device starts the first step as the host asks (it is idle then)
         first, last = records[0], records[-1]
         out["first_step_unix_ms"] = first["unix_ms"]

@@ -111,11 +111,11 @@ class Answers:
         return answer
 
     def _tgi_details(self, sequence: Sequence) -> dict:
-        special = special_ids(self.tokenizer)
+        special, text = special_ids(self.tokenizer), token_text(self.tokenizer)
         details = {
             "finish_reason": sequence.finish or "length", "generated_tokens": len(sequence.ids), "seed": sequence.seed,
             "prefill": [{"id": t.id, "text": t.text, "logprob": finite(t.log_prob)} for t in sequence.prefill or ()],
-            "tokens": [{"id": token, "text": token_text(self.tokenizer)(token), "logprob": finite(log_prob),
+            "tokens": [{"id": token, "text": text(token), "logprob": finite(log_prob),
                         "special": token in special} for token, log_prob in zip(sequence.ids, sequence.log_probs)]}
         if sequence.top:
             details["top_tokens"] = [[self._tgi_token(alternative) for alternative in step] for step in sequence.top]
